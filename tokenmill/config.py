@@ -1,0 +1,219 @@
+"""Typed, frozen configuration. Every flag a user can set is validated here, once.
+
+``ModelConfig`` is derived from a Hugging Face ``config.json``-shaped dict (GGUF files are
+translated into that shape by the loader), so the model code knows one convention.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
+    """"auto" is float32 on CPU (fast fp32 GEMMs, exact parity with transformers)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}.")
+    return _DTYPES[name]
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Parses "2GiB", "512MiB", "1.5G", "1000000" into bytes (K/M/G/T are powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"cannot read a memory size from {text!r}; use e.g. 2GiB or 512MiB.")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    scaling_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
+    params = dict(hf.get("rope_parameters") or {})
+    params.update(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3).")
+    return RopeConfig(
+        theta=float(theta),
+        scaling_type=kind,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shapes and options of a decoder-only transformer."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError("config.json has no 'architectures' entry; cannot pick a model.")
+        arch = archs[0]
+        heads = int(hf["num_attention_heads"])
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(hf),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama-family configs say so with attention_bias.
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            hidden_act=hf.get("hidden_act", "silu"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int = 2 * 1024**3
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}.")
+        if self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}.")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Token budget per step and how many requests may run at once.
+
+    ``max_model_len`` of None means: the model's context length, capped by what the KV
+    pool can hold (resolved by the engine once the pool is sized)."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+    max_model_len: int | None = None
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1.")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1.")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2.")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. Build it with ``EngineConfig.create(**flags)``."""
+
+    model: str
+    tokenizer: str
+    dtype: torch.dtype
+    device: str
+    load_format: str
+    seed: int
+    skip_tokenizer_init: bool = False
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def create(
+        cls,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        load_format: str = "auto",
+        seed: int = 0,
+        block_size: int = 16,
+        kv_cache_memory: str | int = "2GiB",
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 128,
+        max_model_len: int | None = None,
+        enable_chunked_prefill: bool = True,
+        skip_tokenizer_init: bool = False,
+    ) -> EngineConfig:
+        if model is None:
+            from tokenmill.loader.default_model import default_model_path
+
+            model = default_model_path()
+        if load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}.")
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}.")
+        return cls(
+            model=model,
+            tokenizer=tokenizer or model,
+            dtype=parse_dtype(dtype, device),
+            device=device,
+            load_format=load_format,
+            seed=seed,
+            skip_tokenizer_init=skip_tokenizer_init,
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory)),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+        )

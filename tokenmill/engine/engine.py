@@ -1,0 +1,245 @@
+"""The engine loop: one ``step()`` schedules, runs the model, samples and updates.
+
+Both fronts drive this loop: ``LLM.generate`` calls ``step()`` until every request is
+done; the server's async engine calls it from a background task. A user request with
+``n > 1`` becomes n sequences (``Request`` objects) that the scheduler treats
+independently; their results are gathered back into one ``RequestOutput``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.model_loading import load_model
+from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.layers.attention import TorchSDPABackend
+from tokenmill.model_runner import KVCache, ModelRunner
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger("tokenmill")
+
+
+@dataclass
+class _UserRequest:
+    """A request as the user sent it: its prompt and its n sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[Request]
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
+        self.config = config
+        self.tokenizer = self._load_tokenizer(config)
+        model, self.model_config = load_model(config, TorchSDPABackend(), show_progress)
+        mc, cc = self.model_config, config.cache
+        per_block = mc.kv_bytes_per_token(config.dtype) * cc.block_size
+        num_blocks = cc.kv_cache_memory // per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {cc.kv_cache_memory} B holds no KV block "
+                             f"({per_block} B each); increase it.")
+        self.max_model_len = self._resolve_max_model_len(num_blocks * cc.block_size)
+        self.kv_manager = KVCacheManager(num_blocks, cc.block_size)
+        kv = KVCache(mc, num_blocks, cc.block_size, config.dtype, config.device)
+        self.runner = ModelRunner(model, mc, kv, cc.block_size, config.device, config.seed)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
+                                       else mc.eos_token_ids)
+        self.requests: dict[str, _UserRequest] = {}
+        self._ids = itertools.count()
+        tokens = num_blocks * cc.block_size
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%s); %.1f requests of full "
+                    "context (%d tokens) fit", num_blocks, cc.block_size, tokens,
+                    _format_bytes(num_blocks * per_block), tokens / self.max_model_len,
+                    self.max_model_len)
+
+    @staticmethod
+    def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:
+        if config.skip_tokenizer_init:
+            return None
+        try:
+            return Tokenizer.from_pretrained(config.tokenizer)
+        except (ValueError, OSError):
+            if config.load_format == "dummy":
+                logger.warning("No tokenizer at %s: outputs will carry token ids only.",
+                               config.tokenizer)
+                return None
+            raise
+
+    def _resolve_max_model_len(self, pool_tokens: int) -> int:
+        model_max = self.model_config.max_position_embeddings
+        wanted = self.config.scheduler.max_model_len
+        if wanted is None:
+            return min(model_max, pool_tokens)
+        if wanted > model_max:
+            raise ValueError(f"max_model_len {wanted} exceeds the model's context length "
+                             f"{model_max}.")
+        if wanted > pool_tokens:
+            raise ValueError(f"max_model_len {wanted} does not fit in the KV cache "
+                             f"({pool_tokens} tokens); raise kv_cache_memory.")
+        return wanted
+
+    # ---- requests ---------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0,
+                    arrival_time: float | None = None) -> str:
+        """Validates and queues a request; returns its id. Raises ValueError for a prompt
+        that is empty, out of vocabulary or longer than the context, before it takes any
+        KV block."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use.")
+        text, ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        seqs = []
+        for i in range(params.n):
+            p = params.clone()
+            p.n = 1
+            if params.seed is not None:
+                p.seed = params.seed + i  # distinct but reproducible draws per sequence
+            seq = Request(f"{request_id}-{i}", ids, p, self.eos_token_ids, priority,
+                          arrival_time if arrival_time is not None else time.monotonic(),
+                          parent_id=request_id, index=i)
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
+                    stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            seqs.append(seq)
+        self.requests[request_id] = _UserRequest(request_id, text, ids, seqs)
+        for seq in seqs:
+            self.scheduler.add_request(seq)
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer; pass token ids.")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty.")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}).")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens long, but this model's "
+                             f"context (max_model_len) is {self.max_model_len} tokens, "
+                             f"which leaves no room to generate.")
+        params.verify_vocab(vocab)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer.")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stops a request wherever it is and frees its blocks at once."""
+        user = self.requests.pop(request_id, None)
+        if user is None:
+            return
+        for seq in user.sequences:
+            self.scheduler.finish_request(seq, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling step; returns the outputs of the user requests that made
+        progress (new tokens or finished)."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty():
+            if self.scheduler.num_unfinished:
+                raise RuntimeError("the scheduler could not place any waiting request")
+            return []
+        now = time.monotonic()
+        for s in sched.scheduled:
+            if s.request.metrics.first_scheduled_time is None:
+                s.request.metrics.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+
+        touched: dict[str, _UserRequest] = {}
+        for s in sched.scheduled:
+            req = s.request
+            entry = result.prompt_logprobs.get(id(req))
+            if entry is not None:
+                first, entries = entry
+                if first == len(req.prompt_logprobs):
+                    req.prompt_logprobs.extend(self._decode_logprobs(entries))
+        so = result.sampler_output
+        for i, req in enumerate(result.sampled_requests):
+            self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
+                               so.logprobs[i])
+            touched[req.parent_id] = self.requests[req.parent_id]
+        return [self._make_output(u) for u in touched.values()]
+
+    def _decode_logprobs(self, entries):
+        if self.tokenizer is not None:
+            for entry in entries:
+                for tok, lp in entry.items():
+                    lp.decoded_token = self.tokenizer.decode([tok], skip_special_tokens=False)
+        return entries
+
+    def _append_token(self, req: Request, token: int, logprob: float | None,
+                      entry) -> None:
+        req.output_token_ids.append(token)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = time.monotonic()
+        if entry is not None:
+            req.logprobs.extend(self._decode_logprobs([entry]))
+            req.cumulative_logprob += logprob
+        p = req.sampling_params
+        status = None
+        stopped_by_token = req.num_output_tokens > p.min_tokens and (
+            token in p.all_stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids))
+        if stopped_by_token:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, (
+                token if token in p.all_stop_token_ids else None)
+        elif req.detokenizer is not None:
+            stop = req.detokenizer.add_token(token)
+            if stop is not None:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if status is None and (
+                (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens)
+                or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            req.metrics.finished_time = time.monotonic()
+            self.scheduler.finish_request(req, status)
+
+    def _make_output(self, user: _UserRequest) -> RequestOutput:
+        finished = all(s.is_finished for s in user.sequences)
+        outs = []
+        for s in user.sequences:
+            text = s.detokenizer.text(s.is_finished) if s.detokenizer is not None else ""
+            outs.append(CompletionOutput(
+                index=s.index, text=text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                logprobs=s.logprobs, finish_reason=s.status.finish_reason,
+                stop_reason=s.stop_reason))
+        first = user.sequences[0]
+        if finished:
+            del self.requests[user.request_id]
+        return RequestOutput(
+            request_id=user.request_id, prompt=user.prompt,
+            prompt_token_ids=user.prompt_token_ids, outputs=outs, finished=finished,
+            prompt_logprobs=first.prompt_logprobs, metrics=first.metrics)

@@ -1,0 +1,65 @@
+"""Builds the model from a checkpoint (HF folder or GGUF) or with random weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.layers.attention import AttentionBackend
+from tokenmill.loader import open_checkpoint
+from tokenmill.models import build_model
+
+logger = logging.getLogger("tokenmill")
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights with sane scales, for benchmarks on shapes we cannot download."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        else:
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def load_model(config: EngineConfig, backend: AttentionBackend,
+               show_progress: bool = True) -> tuple[nn.Module, ModelConfig]:
+    start = time.perf_counter()
+    ckpt = None
+    if config.load_format == "dummy" and os.path.isdir(config.model):
+        with open(os.path.join(config.model, "config.json")) as f:  # no weights needed
+            model_cfg = ModelConfig.from_hf(json.load(f))
+    else:
+        ckpt = open_checkpoint(config.model)
+        model_cfg = ModelConfig.from_hf(ckpt.hf_config)
+    torch.manual_seed(config.seed)
+    with torch.device(config.device):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(config.dtype)
+        try:
+            model = build_model(model_cfg, backend)
+        finally:
+            torch.set_default_dtype(prev)
+    if config.load_format == "dummy":
+        init_dummy_weights(model, config.seed)
+    else:
+        tensors = tqdm(ckpt.tensors(), total=len(ckpt.tensor_names), desc="Loading weights",
+                       unit="tensor", disable=not show_progress, leave=False)
+        loaded = model.load_weights(tensors)
+        missing = model.required_parameters() - loaded
+        if missing:
+            raise ValueError(f"checkpoint {config.model} lacks weights: "
+                             f"{', '.join(sorted(missing)[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+    model.eval()
+    logger.info("Loaded %s (%s, %s, %d layers) in %.1f s", config.model,
+                model_cfg.architecture, str(config.dtype).removeprefix("torch."),
+                model_cfg.num_layers, time.perf_counter() - start)
+    return model, model_cfg

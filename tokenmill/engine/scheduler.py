@@ -1,0 +1,161 @@
+"""A phase-less token-budget scheduler (the vLLM v1 design).
+
+Each step has a budget of ``max_num_batched_tokens``. Running requests are served first,
+in order, each asking for ``num_tokens - num_computed_tokens`` tokens (1 for a decode, the
+rest of the prompt for a prefill in progress), capped by what is left of the budget: this
+is chunked prefill, and it lets one step mix prefill chunks with decodes. Then waiting
+requests are admitted, in (priority, arrival) order, while budget, ``max_num_seqs`` and
+free blocks last.
+
+When a running request needs a block and none is free, the scheduler preempts: it takes
+the running request with the lowest priority (the highest ``priority`` value), latest
+arrival first, frees all its blocks and puts it back at the head of the waiting queue.
+When it is admitted again it recomputes its prompt and the tokens it had generated
+(recompute preemption): nothing is lost, only work is repeated. A step that preempted
+admits no new request, so the pool is not immediately oversubscribed again.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: compute positions
+    ``[num_computed_tokens, num_computed_tokens + num_new_tokens)``."""
+
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so the model's output
+        at the last position is the next token."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: list[Request] = []  # sorted by Request.sort_key()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # ---- queue management -------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queues a request. The caller has checked its length against max_model_len."""
+        request.status = RequestStatus.WAITING
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def finish_request(self, request: Request, status: RequestStatus) -> None:
+        """Ends a request (stop, length or abort) and frees its blocks at once."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---- the step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[int, ScheduledRequest] = {}  # id(request) -> its share
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:  # cannot happen for a running request; never spin on it
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, num_new):
+                victim = max(self.running, key=Request.sort_key)
+                if victim is not req and self.running.index(victim) < i:
+                    i -= 1  # the list shifts left under us
+                budget += self._preempt(victim, scheduled.pop(id(victim), None), out)
+                if victim is req:
+                    break
+            else:
+                scheduled[id(req)] = ScheduledRequest(req, num_new)
+                budget -= num_new
+                i += 1
+
+        if not out.preempted:
+            self._admit_waiting(budget, scheduled)
+        out.scheduled = list(scheduled.values())
+        return out
+
+    def _admit_waiting(self, budget: int, scheduled: dict[int, ScheduledRequest]) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            remaining = req.num_tokens - req.num_computed_tokens
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                # Without chunking a prompt goes in whole; one larger than the budget
+                # may still go alone in an otherwise empty step.
+                if scheduled or remaining <= self.config.max_num_batched_tokens:
+                    break
+                budget = remaining
+            num_new = min(remaining, budget)
+            if not self.kv.allocate_slots(req, num_new):
+                break
+            self.waiting.pop(0)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled[id(req)] = ScheduledRequest(req, num_new)
+            budget -= num_new
+
+    def _preempt(self, victim: Request, share: ScheduledRequest | None,
+                 out: SchedulerOutput) -> int:
+        """Frees the victim's blocks and requeues it; returns the budget it gives back."""
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add_request(victim)
+        victim.status = RequestStatus.PREEMPTED
+        out.preempted.append(victim)
+        return share.num_new_tokens if share else 0
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Marks the scheduled tokens as computed (their K/V is now in the cache)."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+
+    def check_integrity(self) -> None:
+        """The block invariants, over every live request."""
+        live = self.running + self.waiting
+        self.kv.check_integrity(live)
+        for r in self.waiting:
+            if r.block_ids and r.status != RequestStatus.RUNNING:
+                # waiting requests hold no blocks (preemption frees everything)
+                raise AssertionError(f"waiting request {r.request_id} holds blocks")

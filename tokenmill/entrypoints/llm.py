@@ -1,0 +1,99 @@
+"""The offline API, shaped like vLLM's: ``LLM(model).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import Engine
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """An engine plus a loop that runs it until the submitted prompts are done.
+
+    ``model`` is a Hugging Face folder or a .gguf file; None picks the embedded default
+    (SmolLM2-135M-Instruct). Other keyword arguments are engine flags (see
+    ``EngineConfig.create``): dtype, kv_cache_memory, max_num_seqs, max_model_len, ...
+    """
+
+    def __init__(self, model: str | None = None, **engine_args) -> None:
+        show_progress = engine_args.pop("show_progress", True)
+        self.engine = Engine(EngineConfig.create(model=model, **engine_args), show_progress)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 ) -> list[RequestOutput]:
+        """Generates for every prompt (a string, a list of strings, a list of token ids or
+        a list of those) and returns the outputs in the order of the prompts."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} "
+                                 "prompts; pass one, or one per prompt.")
+        ids = []
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+                ids.append(self.engine.add_request(
+                    prompt, p, priority=priority[i] if priority else 0))
+        except ValueError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation or a list of them and
+        generates the assistant's replies."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("chat needs a tokenizer with a chat template.")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                           **(chat_template_kwargs or {}))
+            # The template already holds any BOS token; do not add another.
+            prompts.append(tok.encode(text, add_special_tokens=False))
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out, prompt_ids in zip(outputs, prompts, strict=True):
+            out.prompt = tok.decode(prompt_ids, skip_special_tokens=False)
+        return outputs
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", unit="req",
+                   disable=not use_tqdm or len(ids) < 2)
+        try:
+            while len(done) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in done:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]

@@ -1,0 +1,93 @@
+"""Attention over the paged KV cache.
+
+The model runs on a *flat* batch: the new tokens of every scheduled request laid end to
+end, no padding. Request ``r`` owns rows ``[query_start[r], query_start[r] + query_len[r])``
+of the batch; its first new token sits at position ``context_len[r]`` (the tokens before it
+are already in the cache). One ``AttentionMetadata`` per step describes that layout and is
+passed explicitly to every layer.
+
+Backends implement ``forward``: write this step's K/V into the cache at ``slot_mapping``
+(slot = block_id * block_size + offset), then attend each query to all of its request's
+keys up to and including its own position.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    """A request with several new tokens (a prompt, a prompt chunk or a recompute)."""
+
+    start: int                  # first row in the flat batch
+    query_len: int
+    context_len: int            # tokens already in the cache before this step
+    slots: torch.Tensor | None  # [context_len + query_len] cache slots of all its tokens
+    mask: torch.Tensor | None   # [query_len, context_len + query_len] bool; None = causal
+
+
+@dataclass
+class AttentionMetadata:
+    """The layout of one step's flat batch, built once per step by the model runner."""
+
+    slot_mapping: torch.Tensor      # [num_tokens] where each new token's K/V goes
+    prefills: list[PrefillSegment]
+    decode_rows: torch.Tensor       # [num_decodes] rows of the single-token requests
+    decode_slots: torch.Tensor      # [num_decodes, max_len] cache slots (padded)
+    decode_mask: torch.Tensor       # [num_decodes, 1, 1, max_len] bool, True = attend
+    num_decodes: int
+
+
+class AttentionBackend(ABC):
+    """Computes attention for one layer given its slice of the KV cache."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH, D]. Returns [T, H, D]."""
+
+
+class TorchSDPABackend(AttentionBackend):
+    """Reference backend on ``torch.nn.functional.scaled_dot_product_attention``.
+
+    Decodes (one query each) are batched into one SDPA call over K/V gathered from their
+    block tables and padded to the longest context, with a mask hiding the padding.
+    Grouped-query attention needs no copies: the H query heads are viewed as
+    ``[KVH, H // KVH]`` so each group of queries meets its shared K/V head directly.
+    Prefill segments run one SDPA call each; a segment with cached context attends to
+    the gathered cache with a causal mask shifted by its context length.
+    """
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        num_heads, kv_heads = q.shape[1], k.shape[1]
+        group = num_heads // kv_heads
+        for seg in meta.prefills:
+            rows = slice(seg.start, seg.start + seg.query_len)
+            qs = q[rows].transpose(0, 1)  # [H, Lq, D]
+            if seg.slots is None:  # no cached context: attend to this step's own K/V
+                ks, vs = k[rows], v[rows]
+            else:
+                ks, vs = k_cache[seg.slots], v_cache[seg.slots]
+            o = F.scaled_dot_product_attention(
+                qs, ks.transpose(0, 1), vs.transpose(0, 1),
+                attn_mask=seg.mask, is_causal=seg.mask is None, scale=scale,
+                enable_gqa=group > 1)
+            out[rows] = o.transpose(0, 1)
+        if meta.num_decodes:
+            n, d = meta.num_decodes, q.shape[-1]
+            qd = q[meta.decode_rows].view(n, kv_heads, group, d)
+            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [n, KVH, L, D]
+            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask,
+                                               scale=scale)
+            out[meta.decode_rows] = o.reshape(n, num_heads, d)
+        return out

@@ -1,0 +1,146 @@
+"""From logits to next tokens, one row per sampling request.
+
+Order of operations (vLLM's): logprobs are taken from the raw model distribution; then
+the logits are processed: ``min_tokens`` bans stop tokens, ``logit_bias`` is added,
+repetition/presence/frequency penalties are applied. Greedy rows take the argmax of that.
+Random rows are divided by their temperature, filtered by min_p, top-k and top-p, and
+sampled by the exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` draws a token with
+probability ``p``. A request with a seed draws its ``E`` from its own generator, so its
+tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.engine.request import Request
+from tokenmill.outputs import Logprob, PositionLogprobs
+from tokenmill.sampling_params import SamplingType
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    sampled_logprobs: list[float | None]   # raw logprob of each sampled token, if asked
+    logprobs: list[PositionLogprobs | None]
+
+
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[PositionLogprobs]:
+    """For each row: the k most likely tokens plus the chosen one, with their ranks."""
+    rows: list[PositionLogprobs] = []
+    chosen_lp = logprobs.gather(1, chosen.view(-1, 1))
+    ranks = (logprobs > chosen_lp).sum(dim=1) + 1
+    top_vals, top_ids = logprobs.topk(k, dim=1) if k > 0 else (None, None)
+    chosen_l, chosen_lp_l, ranks_l = chosen.tolist(), chosen_lp.view(-1).tolist(), ranks.tolist()
+    for i in range(logprobs.shape[0]):
+        entry: PositionLogprobs = {chosen_l[i]: Logprob(chosen_lp_l[i], ranks_l[i])}
+        if k > 0:
+            for r, (tok, lp) in enumerate(zip(top_ids[i].tolist(), top_vals[i].tolist(),
+                                              strict=True)):
+                entry.setdefault(tok, Logprob(lp, r + 1))
+        rows.append(entry)
+    return rows
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        """logits: [R, V] float32, row i belonging to ``requests[i]``."""
+        logits = logits[:, : self.vocab_size].float()
+        n = len(requests)
+        want_lp = [r.sampling_params.logprobs for r in requests]
+        raw_logprobs = (torch.log_softmax(logits, dim=-1)
+                        if any(k is not None for k in want_lp) else None)
+        logits = self._process(logits.clone(), requests)
+
+        greedy = [r.sampling_params.sampling_type == SamplingType.GREEDY for r in requests]
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i in range(n) if not greedy[i]]
+        if random_rows:
+            idx = torch.tensor(random_rows)
+            tokens[idx] = self._sample(logits[idx], [requests[i] for i in random_rows])
+
+        token_list = tokens.tolist()
+        sampled_lp: list[float | None] = [None] * n
+        pos_lp: list[PositionLogprobs | None] = [None] * n
+        lp_rows = [i for i in range(n) if want_lp[i] is not None]
+        if lp_rows:
+            idx = torch.tensor(lp_rows)
+            k = max(want_lp[i] for i in lp_rows)
+            entries = top_logprobs(raw_logprobs[idx], tokens[idx], k)
+            for i, entry in zip(lp_rows, entries, strict=True):
+                keep = want_lp[i]
+                chosen = token_list[i]
+                entry = {t: lp for t, lp in entry.items()
+                         if t == chosen or (lp.rank is not None and lp.rank <= keep)}
+                pos_lp[i] = entry
+                sampled_lp[i] = entry[chosen].logprob
+        return SamplerOutput(token_list, sampled_lp, pos_lp)
+
+    # ---- logits processing ------------------------------------------------------------
+    def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        for i, r in enumerate(requests):
+            p = r.sampling_params
+            if r.num_output_tokens < p.min_tokens:
+                banned = set(p.all_stop_token_ids)
+                if not p.ignore_eos:
+                    banned |= r.eos_token_ids
+                if banned:
+                    logits[i, list(banned)] = float("-inf")
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias.keys()))
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()))
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                self._apply_penalties(logits[i], r)
+        return logits
+
+    def _apply_penalties(self, row: torch.Tensor, r: Request) -> None:
+        p = r.sampling_params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
+                                    vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+            counts = torch.bincount(torch.tensor(r.output_token_ids),
+                                    minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        temps = torch.tensor([r.sampling_params.temperature for r in requests])
+        logits = logits / temps.unsqueeze(1)
+        min_ps = torch.tensor([r.sampling_params.min_p for r in requests])
+        if (min_ps > 0).any():
+            probs = logits.softmax(dim=-1)
+            threshold = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        top_ks = [r.sampling_params.top_k for r in requests]
+        top_ps = [r.sampling_params.top_p for r in requests]
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+            logits = _top_k_top_p(logits, top_ks, top_ps)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(requests):
+            noise[i].exponential_(generator=r.generator or self.generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Keeps, per row, the k largest logits and the smallest set whose probability reaches
+    top_p (the most likely token always survives)."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ks = torch.tensor([k if k > 0 else vocab for k in top_ks]).clamp(max=vocab)
+    positions = torch.arange(vocab).unsqueeze(0)
+    drop = positions >= ks.unsqueeze(1)
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before > torch.tensor(top_ps).unsqueeze(1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

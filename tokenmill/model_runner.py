@@ -1,0 +1,145 @@
+"""Turns a SchedulerOutput into flat tensors, runs the model and samples.
+
+Per step it builds, for the concatenated new tokens of all scheduled requests:
+``input_ids`` and ``positions`` [T], ``slot_mapping`` [T] (where each token's K/V goes in
+the paged cache), the prefill segments and the padded decode block tables that the
+attention backend reads (``AttentionMetadata``), and the rows whose logits are needed:
+the last row of each request that samples, plus prompt rows for prompt_logprobs. Logits
+are computed for those rows only: the LM head is a big matmul and a prefill chunk
+samples at most one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokenmill.config import ModelConfig
+from tokenmill.engine.request import Request
+from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.layers.attention import AttentionMetadata, PrefillSegment
+from tokenmill.layers.sampler import Sampler, SamplerOutput, top_logprobs
+from tokenmill.outputs import PositionLogprobs
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_requests: list[Request]
+    sampler_output: SamplerOutput | None
+    # request -> (first prompt position covered, its logprobs entries in order)
+    prompt_logprobs: dict[int, tuple[int, list[PositionLogprobs]]]
+
+
+class KVCache:
+    """One flat K and one flat V tensor per layer: [num_blocks * block_size, KVH, D]."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: str) -> None:
+        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device),
+                        torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(cfg.num_layers)]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, block_size: int,
+                 device: str, seed: int) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.kv = kv
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler(cfg.vocab_size, seed)
+
+    def _slots(self, req: Request, start: int, end: int) -> torch.Tensor:
+        """Cache slots of positions [start, end) of a request, from its block table."""
+        pos = torch.arange(start, end)
+        table = torch.tensor(req.block_ids, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(self, out: SchedulerOutput):
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        prefills: list[PrefillSegment] = []
+        decode_rows: list[int] = []
+        decode_reqs: list[Request] = []
+        logit_rows: list[int] = []
+        sampled: list[Request] = []
+        sample_idx: list[int] = []  # which logit rows belong to the sampling requests
+        prompt_lp: list[tuple[Request, int, int, int]] = []  # req, first pos, row0, count
+        row = 0
+        for s in out.scheduled:
+            req, c, q = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            tokens = req.all_token_ids[c: c + q] if c + q > req.num_prompt_tokens else \
+                req.prompt_token_ids[c: c + q]
+            ids.extend(tokens)
+            positions.append(torch.arange(c, c + q))
+            slot_mapping.append(self._slots(req, c, c + q))
+            if q == 1:
+                decode_rows.append(row)
+                decode_reqs.append(req)
+            elif c == 0:
+                prefills.append(PrefillSegment(row, q, 0, None, None))
+            else:
+                mask = torch.ones(q, c + q, dtype=torch.bool).tril(diagonal=c)
+                prefills.append(PrefillSegment(row, q, c, self._slots(req, 0, c + q), mask))
+            if req.wants_prompt_logprobs:
+                # logits at position p predict prompt token p + 1
+                first = max(c, len(req.prompt_logprobs) - 1)
+                last = min(c + q, req.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_lp.append((req, first, len(logit_rows), last - first))
+                    logit_rows.extend(range(row + first - c, row + last - c))
+            if s.samples:
+                sampled.append(req)
+                sample_idx.append(len(logit_rows))
+                logit_rows.append(row + q - 1)
+            row += q
+
+        decode_slots, decode_mask = self._decode_tables(decode_reqs)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            prefills=prefills,
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=self.device),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            num_decodes=len(decode_rows),
+        )
+        return (torch.tensor(ids, dtype=torch.long, device=self.device),
+                torch.cat(positions).to(self.device), meta, logit_rows, sampled, sample_idx,
+                prompt_lp)
+
+    def _decode_tables(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded [n, max_len] slot table of every decode's tokens, and its mask."""
+        if not reqs:
+            empty = torch.empty(0, 0, dtype=torch.long)
+            return empty, empty.bool()
+        lens = [r.num_computed_tokens + 1 for r in reqs]
+        max_len = max(lens)
+        slots = torch.zeros(len(reqs), max_len, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            slots[i, : lens[i]] = self._slots(r, 0, lens[i])
+        mask = torch.arange(max_len).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+        return slots.to(self.device), mask.view(len(reqs), 1, 1, max_len).to(self.device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        input_ids, positions, meta, logit_rows, sampled, sample_idx, prompt_lp = \
+            self.prepare(out)
+        hidden = self.model(input_ids, positions, self.kv.layers, meta)
+        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long)])
+        logits = logits.float()
+
+        prompt_entries: dict[int, tuple[int, list[PositionLogprobs]]] = {}
+        for req, first, row0, count in prompt_lp:
+            lp = torch.log_softmax(logits[row0: row0 + count], dim=-1)
+            nxt = torch.tensor(req.prompt_token_ids[first + 1: first + 1 + count])
+            entries = top_logprobs(lp, nxt, req.sampling_params.prompt_logprobs)
+            prompt_entries[id(req)] = (first + 1, entries)
+
+        sampler_output = None
+        if sampled:
+            sampler_output = self.sampler(logits[torch.tensor(sample_idx)], sampled)
+        return ModelRunnerOutput(sampled, sampler_output, prompt_entries)

@@ -1,0 +1,141 @@
+"""SamplingParams: how one request samples, with vLLM's field names and defaults.
+
+Every field a user can set is validated in ``__post_init__``; a bad value raises
+``ValueError`` naming the field and the accepted range, so the server can turn it into
+a 400 and the offline API can show it as is.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+_SAMPLING_EPS = 1e-5
+
+
+class SamplingType(IntEnum):
+    GREEDY = 0
+    RANDOM = 1
+
+
+@dataclass
+class SamplingParams:
+    """Sampling parameters for text generation (vLLM-compatible subset).
+
+    temperature 0 means greedy. ``top_k`` of 0 or -1 disables top-k. ``seed`` makes one
+    request's random draws independent of everything else in the batch.
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    # Filled by the engine, not the user.
+    _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
+                ) from e
+        if self.top_k == -1:
+            self.top_k = 0
+        if self.temperature < _SAMPLING_EPS:
+            # Greedy: the other knobs cannot change the outcome; keep them neutral.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+        self._verify()
+        self._all_stop_token_ids = set(self.stop_token_ids)
+
+    def _verify(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name} {why}, got {getattr(self, name)!r}.")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "must be an integer >= 1")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", "must be in (0, 2]")
+        if self.temperature < 0.0:
+            raise bad("temperature", "must be non-negative")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})."
+            )
+        if self.logprobs is not None and (not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= 20):
+            raise bad("logprobs", "must be an integer in [0, 20]")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= 20):
+            raise bad("prompt_logprobs", "must be an integer in [0, 20]")
+        if any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise bad("stop", "must contain only non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must contain only non-negative integer token ids")
+        for tok, bias in (self.logit_bias or {}).items():
+            if tok < 0:
+                raise ValueError(f"logit_bias has a negative token id {tok}.")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} "
+                                 f"for token {tok}.")
+
+    def verify_vocab(self, vocab_size: int) -> None:
+        """Checks token ids against the model's vocabulary (called by the engine)."""
+        for tok in list(self.logit_bias or {}) + list(self.stop_token_ids or []):
+            if tok >= vocab_size:
+                raise ValueError(
+                    f"token id {tok} in logit_bias/stop_token_ids is out of the "
+                    f"vocabulary (size {vocab_size})."
+                )
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        return SamplingType.GREEDY if self.temperature < _SAMPLING_EPS else SamplingType.RANDOM
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        return self._all_stop_token_ids
+
+    def clone(self) -> SamplingParams:
+        return copy.deepcopy(self)
