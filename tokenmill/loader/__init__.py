@@ -11,7 +11,7 @@ from tokenmill.loader.default_model import (
     DefaultModelNotFoundError,
     default_model_path,
 )
-from tokenmill.loader.gguf_file import GGUFFile, read_gguf
+from tokenmill.loader.gguf_reader import GGUFFile, read_gguf
 
 __all__ = [
     "DEFAULT_MODEL_NAME",

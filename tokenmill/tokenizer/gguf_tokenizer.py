@@ -20,110 +20,26 @@ From these we assemble a ``tokenizers.Tokenizer`` equivalent to the model's orig
 (the same construction transformers' GGUF integration performs). If the file embeds the original
 ``tokenizer.huggingface.json`` we use that directly.
 
-Metadata is parsed by ``read_gguf_metadata``, a small reader for the key/value section of the
-file (it stops before the tensor table). ``gguf.GGUFReader`` parses the same fields but builds a
-numpy view per array element, which takes ~6 s for a 49k-token vocabulary; this reader takes a
-fraction of a second.
+Metadata is parsed by ``tokenmill.loader.gguf_reader.read_gguf_metadata``, the same fast reader
+the weight loader uses (``gguf.GGUFReader`` needs ~6 s for a 49k-token vocabulary).
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-from gguf import GGUF_MAGIC, GGUFValueType, TokenType
+from gguf import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from tokenmill.loader.gguf_reader import read_gguf_metadata
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
-__all__ = ["load_gguf_tokenizer", "read_gguf_metadata", "tokenizer_from_gguf_metadata"]
+__all__ = ["load_gguf_tokenizer", "tokenizer_from_gguf_metadata"]
 
 logger = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# Metadata reader
-# ---------------------------------------------------------------------------------------------
-
-_SCALAR_FORMAT = {
-    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
-    GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
-    GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
-    GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
-}  # fmt: skip
-
-
-class _Cursor:
-    """Sequential reads of GGUF primitives from a buffer, in the file's byte order."""
-
-    def __init__(self, buf: Any, order: str) -> None:
-        self.buf, self.order, self.pos = buf, order, 0
-
-    def scalar(self, fmt: str) -> Any:
-        try:
-            (value,) = struct.unpack_from(self.order + fmt, self.buf, self.pos)
-        except struct.error as e:
-            raise ValueError(f"GGUF metadata is truncated or corrupt ({e})") from e
-        self.pos += struct.calcsize(fmt)
-        return value
-
-    def string(self) -> str:
-        n = self.scalar("Q")
-        raw = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return bytes(raw).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int) -> Any:
-        if vtype == GGUFValueType.STRING:
-            return self.string()
-        if vtype == GGUFValueType.ARRAY:
-            item_type, count = self.scalar("I"), self.scalar("Q")
-            fmt = _SCALAR_FORMAT.get(GGUFValueType(item_type))
-            if fmt is None:  # strings or nested arrays: one at a time
-                return [self.value(item_type) for _ in range(count)]
-            dtype = np.dtype(fmt).newbyteorder(self.order)  # numbers: one numpy read
-            out = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
-            self.pos += count * dtype.itemsize
-            return out.tolist()
-        fmt = _SCALAR_FORMAT.get(GGUFValueType(vtype))
-        if fmt is None:
-            raise ValueError(f"unknown GGUF metadata value type {vtype}; the file may be corrupt")
-        return self.scalar(fmt)
-
-
-def read_gguf_metadata(path: str) -> dict[str, Any]:
-    """Return the key/value metadata of the GGUF file at ``path`` as plain Python values.
-
-    Layout (GGUF v2/v3): magic ``GGUF``, u32 version, u64 tensor count, u64 key count, then per
-    key a string name, a u32 value type and the value (strings are u64 length + UTF-8 bytes;
-    arrays are u32 item type + u64 count + items). Big-endian files are detected by the version.
-    """
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if len(buf) < 24 or struct.unpack_from("<I", buf, 0)[0] != GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (bad magic number)")
-        version = struct.unpack_from("<I", buf, 4)[0]
-        order = "<"
-        if version & 0xFFFF == 0:  # written on a big-endian machine
-            order, version = ">", struct.unpack_from(">I", buf, 4)[0]
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (only 2 and 3)")
-        cur = _Cursor(buf, order)
-        cur.pos = 8
-        _tensor_count, kv_count = cur.scalar("Q"), cur.scalar("Q")
-        meta: dict[str, Any] = {}
-        for _ in range(kv_count):
-            key = cur.string()
-            meta[key] = cur.value(cur.scalar("I"))
-        return meta
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer construction
-# ---------------------------------------------------------------------------------------------
 
 # Pre-tokenizer regexes, keyed by `tokenizer.ggml.pre` (llama.cpp's names for them).
 _LLAMA3_SPLIT = (

