@@ -89,13 +89,14 @@ def stream(engine, prompt: str | list[int], params: SamplingParams) -> Iterator[
 def cmd_generate(a: argparse.Namespace) -> int:
     from tokenmill.entrypoints.llm import LLM
 
+    params = sampling_params(a)  # bad flags fail before the model loads
     llm = LLM(**engine_kwargs(a))
     tok = llm.get_tokenizer()
     prompt: str | list[int] = a.prompt
     if a.chat:
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}])
         prompt = tok.encode(text, add_special_tokens=False)
-    for piece in stream(llm.engine, prompt, sampling_params(a)):
+    for piece in stream(llm.engine, prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -105,12 +106,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_chat(a: argparse.Namespace) -> int:
     from tokenmill.entrypoints.llm import LLM
 
+    params = sampling_params(a)
     llm = LLM(**engine_kwargs(a))
     tok = llm.get_tokenizer()
     history: list[dict[str, str]] = []
     if a.system:
         history.append({"role": "system", "content": a.system})
-    params = sampling_params(a)
     interactive = sys.stdin.isatty()
     print("Type a message; /bye or Ctrl-D to quit, /clear to forget the conversation.",
           file=sys.stderr)

@@ -38,9 +38,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor      # [num_tokens] where each new token's K/V goes
     prefills: list[PrefillSegment]
     decode_rows: torch.Tensor       # [num_decodes] rows of the single-token requests
-    decode_slots: torch.Tensor      # [num_decodes, max_len] cache slots (padded)
-    decode_mask: torch.Tensor       # [num_decodes, 1, 1, max_len] bool, True = attend
+    decode_block_table: torch.Tensor  # [num_decodes, max_blocks] block ids (padded with 0)
+    decode_mask: torch.Tensor       # [num_decodes, 1, 1, max_blocks * block_size] bool
     num_decodes: int
+    block_size: int
 
 
 class AttentionBackend(ABC):
@@ -56,8 +57,9 @@ class AttentionBackend(ABC):
 class TorchSDPABackend(AttentionBackend):
     """Reference backend on ``torch.nn.functional.scaled_dot_product_attention``.
 
-    Decodes (one query each) are batched into one SDPA call over K/V gathered from their
-    block tables and padded to the longest context, with a mask hiding the padding.
+    Decodes (one query each) are batched into one SDPA call over K/V gathered whole
+    blocks at a time from their block tables, padded to the longest context, with a mask
+    hiding the padding.
     Grouped-query attention needs no copies: the H query heads are viewed as
     ``[KVH, H // KVH]`` so each group of queries meets its shared K/V head directly.
     Prefill segments run one SDPA call each; a segment with cached context attends to
@@ -85,9 +87,16 @@ class TorchSDPABackend(AttentionBackend):
         if meta.num_decodes:
             n, d = meta.num_decodes, q.shape[-1]
             qd = q[meta.decode_rows].view(n, kv_heads, group, d)
-            kd = k_cache[meta.decode_slots].transpose(1, 2)  # [n, KVH, L, D]
-            vd = v_cache[meta.decode_slots].transpose(1, 2)
+            kd = _gather_blocks(k_cache, meta)  # [n, KVH, L, D]
+            vd = _gather_blocks(v_cache, meta)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask,
                                                scale=scale)
             out[meta.decode_rows] = o.reshape(n, num_heads, d)
         return out
+
+
+def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """Copies the decodes' blocks out of the paged cache: [n, KVH, max_blocks * bs, D]."""
+    table = meta.decode_block_table
+    blocks = cache.view(-1, meta.block_size, *cache.shape[1:]).index_select(0, table.view(-1))
+    return blocks.view(table.shape[0], -1, *cache.shape[1:]).transpose(1, 2)
