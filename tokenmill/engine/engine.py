@@ -28,7 +28,7 @@ logger = logging.getLogger("tokenmill")
 
 
 @dataclass
-class _UserRequest:
+class UserRequest:
     """A request as the user sent it: its prompt and its n sequences."""
 
     request_id: str
@@ -63,7 +63,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
                                        else mc.eos_token_ids)
-        self.requests: dict[str, _UserRequest] = {}
+        self.requests: dict[str, UserRequest] = {}
         self._ids = itertools.count()
         tokens = num_blocks * cc.block_size
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%s); %.1f requests of full "
@@ -104,30 +104,42 @@ class Engine:
         """Validates and queues a request; returns its id. Raises ValueError for a prompt
         that is empty, out of vocabulary or longer than the context, before it takes any
         KV block."""
+        user = self.make_request(prompt, params, request_id, priority, arrival_time)
+        self.enqueue(user)
+        return user.request_id
+
+    def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     request_id: str | None = None, priority: int = 0,
+                     arrival_time: float | None = None) -> UserRequest:
+        """Tokenizes and validates a request without touching engine state, so another
+        thread (the server's) may call it while the engine steps."""
         params = params or SamplingParams()
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use.")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         text, ids = self._tokenize(prompt)
         self._validate(ids, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
             p = params.clone()
             p.n = 1
             if params.seed is not None:
                 p.seed = params.seed + i  # distinct but reproducible draws per sequence
-            seq = Request(f"{request_id}-{i}", ids, p, self.eos_token_ids, priority,
-                          arrival_time if arrival_time is not None else time.monotonic(),
+            seq = Request(f"{request_id}-{i}", ids, p, self.eos_token_ids, priority, arrival,
                           parent_id=request_id, index=i)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
                     stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
             seqs.append(seq)
-        self.requests[request_id] = _UserRequest(request_id, text, ids, seqs)
-        for seq in seqs:
+        return UserRequest(request_id, text, ids, seqs)
+
+    def enqueue(self, user: UserRequest) -> None:
+        """Hands a validated request to the scheduler."""
+        if user.request_id in self.requests:
+            raise ValueError(f"request id {user.request_id!r} is already in use.")
+        self.requests[user.request_id] = user
+        for seq in user.sequences:
             self.scheduler.add_request(seq)
-        return request_id
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -177,7 +189,7 @@ class Engine:
         result = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
 
-        touched: dict[str, _UserRequest] = {}
+        touched: dict[str, UserRequest] = {}
         for s in sched.scheduled:
             req = s.request
             entry = result.prompt_logprobs.get(id(req))
@@ -226,7 +238,7 @@ class Engine:
             req.metrics.finished_time = time.monotonic()
             self.scheduler.finish_request(req, status)
 
-    def _make_output(self, user: _UserRequest) -> RequestOutput:
+    def _make_output(self, user: UserRequest) -> RequestOutput:
         finished = all(s.is_finished for s in user.sequences)
         outs = []
         for s in user.sequences:

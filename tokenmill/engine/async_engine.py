@@ -1,0 +1,205 @@
+"""The asyncio front of the engine, for the server.
+
+The engine loop runs in its own thread: a step is seconds of PyTorch work on a CPU and
+must never block the HTTP event loop (PyTorch releases the GIL while it computes).
+Threads talk through two channels:
+
+- an *inbox* (a thread-safe queue) of commands, add and abort, that the engine thread
+  applies between steps, so the scheduler is only ever touched by that thread;
+- one ``asyncio.Queue`` per request, filled from the engine thread with
+  ``loop.call_soon_threadsafe`` after every step that touched the request.
+
+``generate()`` validates the request in the caller's thread (tokenization and length
+checks read only immutable engine state), so a bad request fails with ValueError before
+it is queued. When the consumer stops early (client disconnect: the async generator is
+closed or its task cancelled), an abort command frees the request's blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.engine import Engine, UserRequest
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger("tokenmill")
+
+
+class QueueFullError(Exception):
+    """Too many requests are waiting; the client should retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop crashed; no request can be served (HTTP 500)."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_queued: int          # waiting in the scheduler + not yet picked up by the loop
+    kv_cache_usage: float    # fraction of KV blocks in use
+    num_preemptions: int     # since start
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queued_requests: int | None = None) -> None:
+        self.engine = engine
+        self.max_queued_requests = max_queued_requests
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending_adds = 0  # added by generate(), not yet taken by the loop
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._dead: BaseException | None = None
+
+    @classmethod
+    def from_flags(cls, max_queued_requests: int | None = None, show_progress: bool = True,
+                   **engine_flags) -> AsyncEngine:
+        return cls(Engine(EngineConfig.create(**engine_flags), show_progress),
+                   max_queued_requests)
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tokenmill-engine",
+                                            daemon=True)
+            self._thread.start()
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stops accepting requests, lets the running ones finish (aborting what is left
+        after ``timeout`` seconds), then stops the engine thread."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline and self._dead is None:
+            await asyncio.sleep(0.05)
+        for rid in list(self._streams):
+            await self.abort(rid)
+        self._inbox.put(_STOP)
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    def stats(self) -> EngineStats:
+        sched = self.engine.scheduler
+        waiting = len(sched.waiting)
+        return EngineStats(num_running=len(sched.running), num_waiting=waiting,
+                           num_queued=waiting + self._pending_adds,
+                           kv_cache_usage=self.engine.kv_manager.usage,
+                           num_preemptions=sched.num_preemptions)
+
+    # ---- requests ---------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields the request's cumulative output after every step that advanced it; the
+        last one has ``finished=True``. Raises ValueError / QueueFullError before the
+        first yield."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine loop has stopped: {self._dead!r}")
+        if not self._accepting:
+            raise QueueFullError("the server is shutting down")
+        user = self.engine.make_request(prompt, params, request_id, priority)
+        with self._lock:
+            if (self.max_queued_requests is not None
+                    and len(self.engine.scheduler.waiting) + self._pending_adds
+                    >= self.max_queued_requests):
+                raise QueueFullError(f"{self.max_queued_requests} requests are already "
+                                     "queued; retry later")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use.")
+            stream: asyncio.Queue = asyncio.Queue()
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+            self._pending_adds += 1
+        self._inbox.put(("add", user))
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._wakeup.set()
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wakeup.set()
+
+    # ---- the engine thread ------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._drain_inbox():
+                    return
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
+                else:
+                    self._wakeup.wait(timeout=0.5)
+                    self._wakeup.clear()
+        except BaseException as e:  # report to every waiting client, then stop
+            logger.exception("engine loop crashed")
+            self._dead = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"the engine loop crashed: {e!r}"))
+
+    def _drain_inbox(self) -> bool:
+        """Applies queued commands; False when asked to stop."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if cmd is _STOP:
+                return False
+            kind, arg = cmd
+            if kind == "add":
+                self._add(arg)
+            else:
+                self.engine.abort_request(arg)
+
+    def _add(self, user: UserRequest) -> None:
+        with self._lock:
+            self._pending_adds -= 1
+        if user.request_id not in self._streams:  # the client left before we started
+            return
+        try:
+            self.engine.enqueue(user)
+        except ValueError as e:
+            self._deliver(user.request_id, e)
+
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self._streams.get(request_id)
+        if entry is None:
+            return
+        loop, stream = entry
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the event loop is closed
+            pass
