@@ -19,14 +19,19 @@ def make_request(i: int, prompt_len: int, max_tokens: int, priority: int = 0) ->
 
 
 def drive(sched: Scheduler, requests: list[Request], abort_at: dict[int, int] | None = None,
-          max_steps: int = 10_000) -> int:
-    """Runs fake steps until every request is done; returns the number of steps."""
+          arrive_at: list[int] | None = None, max_steps: int = 10_000) -> int:
+    """Runs fake steps until every request is done; returns the number of steps.
+    Request i joins at step ``arrive_at[i]`` (all at step 0 by default)."""
     abort_at = abort_at or {}
-    for r in requests:
-        sched.add_request(r)
+    arrive_at = arrive_at or [0] * len(requests)
     for step in range(max_steps):
+        for r, when in zip(requests, arrive_at, strict=True):
+            if when == step:
+                sched.add_request(r)
         if not sched.num_unfinished:
-            return step
+            if step > max(arrive_at):
+                return step
+            continue
         out = sched.schedule()
         assert out.num_tokens <= sched.config.max_num_batched_tokens
         assert len(sched.running) <= sched.config.max_num_seqs
@@ -96,7 +101,8 @@ def test_preemption_picks_lowest_priority_then_latest():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    lens=st.lists(st.tuples(st.integers(1, 90), st.integers(1, 30), st.integers(0, 2)),
+    lens=st.lists(st.tuples(st.integers(1, 90), st.integers(1, 30), st.integers(0, 2),
+                            st.integers(0, 40)),
                   min_size=1, max_size=24),
     num_blocks=st.integers(8, 40),
     block_size=st.sampled_from([1, 4, 16]),
@@ -111,11 +117,12 @@ def test_random_workloads_finish_and_free_every_block(lens, num_blocks, block_si
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
                       kv, max_model_len)
     reqs = []
-    for i, (p, m, prio) in enumerate(lens):
+    for i, (p, m, prio, _) in enumerate(lens):
         p = min(p, max_model_len - 1)
         m = min(m, max_model_len - p)
         reqs.append(make_request(i, p, m, prio))
-    drive(sched, reqs, {k: v for k, v in aborts.items() if k < len(reqs)})
+    drive(sched, reqs, {k: v for k, v in aborts.items() if k < len(reqs)},
+          arrive_at=[a for *_, a in lens])
     assert kv.num_free_blocks == num_blocks
     for r in reqs:
         assert r.is_finished and r.block_ids == []
