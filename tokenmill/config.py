@@ -133,6 +133,7 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     kv_cache_memory: int = 2 * 1024**3
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -192,6 +193,7 @@ class EngineConfig:
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
         skip_tokenizer_init: bool = False,
+        enable_prefix_caching: bool = True,
     ) -> EngineConfig:
         if model is None:
             from tokenmill.loader.default_model import default_model_path
@@ -209,7 +211,8 @@ class EngineConfig:
             load_format=load_format,
             seed=seed,
             skip_tokenizer_init=skip_tokenizer_init,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory)),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
+                              enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_num_seqs=max_num_seqs,

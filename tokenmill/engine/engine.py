@@ -57,7 +57,7 @@ class Engine:
             raise ValueError(f"kv_cache_memory {cc.kv_cache_memory} B holds no KV block "
                              f"({per_block} B each); increase it.")
         self.max_model_len = self._resolve_max_model_len(num_blocks * cc.block_size)
-        self.kv_manager = KVCacheManager(num_blocks, cc.block_size)
+        self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         kv = KVCache(mc, num_blocks, cc.block_size, config.dtype, config.device)
         self.runner = ModelRunner(model, mc, kv, cc.block_size, config.device, config.seed)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
@@ -254,4 +254,5 @@ class Engine:
         return RequestOutput(
             request_id=user.request_id, prompt=user.prompt,
             prompt_token_ids=user.prompt_token_ids, outputs=outs, finished=finished,
-            prompt_logprobs=first.prompt_logprobs, metrics=first.metrics)
+            prompt_logprobs=first.prompt_logprobs, metrics=first.metrics,
+            num_cached_tokens=first.num_cached_tokens or 0)

@@ -6,64 +6,117 @@ ids. A request's *block table* is the list of its block ids: token at position `
 in block ``block_ids[p // block_size]`` at offset ``p % block_size``, so a request's cache
 does not need to be contiguous and never needs copying when it grows.
 
-Invariant: every block is either in the free list (ref count 0) or referenced by at least
-one request (ref count > 0), never both. ``check_integrity()`` verifies it.
+With prefix caching, a block whose ref count drops to 0 keeps its contents and stays
+findable through the prefix tree while it waits in the free list; the free list is in
+least-recently-freed order, so the pool reuses (and the tree evicts) the coldest first.
+
+Invariant: every block is either in the free list (ref count 0; maybe cached, then
+evictable) or referenced by at least one request (ref count > 0), never both.
+``check_integrity()`` verifies it, with the tree's own invariants.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Callable
 
+from tokenmill.engine.prefix_cache import PrefixCache
 from tokenmill.engine.request import Request
 
 
 class BlockPool:
-    """Fixed-size blocks with reference counts and a FIFO free list."""
+    """Fixed-size blocks with reference counts and an LRU-ordered free list."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int,
+                 on_reuse: Callable[[int], None] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}.")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._on_reuse = on_reuse  # told when a free (maybe cached) block is handed out
 
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        """Takes ``n`` free blocks (ref count 1 each). The caller checks capacity first."""
+        """Takes the ``n`` least recently freed blocks (ref count 1 each). The caller
+        checks capacity first."""
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} blocks with {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
+        blocks = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            if self._on_reuse is not None:
+                self._on_reuse(b)
             self.ref_counts[b] = 1
+            blocks.append(b)
         return blocks
 
+    def touch(self, block_ids: list[int]) -> None:
+        """Adds a reference to each block (a prefix-cache hit), taking free ones out of
+        the free list so they cannot be reused under the new owner."""
+        for b in block_ids:
+            if self.ref_counts[b] == 0:
+                del self._free[b]
+            self.ref_counts[b] += 1
+
     def free(self, block_ids: list[int]) -> None:
-        """Drops one reference from each block; blocks that reach zero become free."""
+        """Drops one reference from each block; blocks that reach zero become free (most
+        recently freed last, so callers free a request's tail blocks first)."""
         for b in block_ids:
             if self.ref_counts[b] <= 0:
                 raise RuntimeError(f"block {b} freed while not referenced")
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
 
     def check_integrity(self) -> None:
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise AssertionError("a block appears twice in the free list")
         for b, rc in enumerate(self.ref_counts):
-            if rc < 0 or (rc == 0) != (b in free):
-                raise AssertionError(f"block {b}: ref count {rc}, in free list: {b in free}")
+            if rc < 0 or (rc == 0) != (b in self._free):
+                raise AssertionError(f"block {b}: ref count {rc}, in free list: "
+                                     f"{b in self._free}")
 
 
 class KVCacheManager:
-    """Gives requests the blocks they need to hold ``num_computed + num_new`` tokens."""
+    """Gives requests the blocks they need to hold ``num_computed + num_new`` tokens, and
+    with prefix caching, the blocks other requests already computed for their prefix."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool = False) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.prefix_cache = PrefixCache(block_size) if enable_prefix_caching else None
+        self.pool = BlockPool(num_blocks, None if self.prefix_cache is None
+                              else self.prefix_cache.evict)
+        self.num_queried_tokens = 0  # prompt tokens looked up in the cache
+        self.num_hit_tokens = 0      # of which found
+
+    def match_prefix(self, request: Request) -> list[int]:
+        """Cached blocks for the start of the request's tokens. Never covers the last
+        token: its logits must be computed to sample the next one."""
+        if self.prefix_cache is None or request.prompt_logprobs is not None:
+            return []
+        return self.prefix_cache.match(request.all_token_ids[: request.num_tokens - 1])
+
+    def record_admission(self, request: Request, num_hit_tokens: int) -> None:
+        """Counts a request's lookup once, when it is admitted (hit-rate metrics)."""
+        if self.prefix_cache is None:
+            return
+        self.num_queried_tokens += request.num_tokens
+        self.num_hit_tokens += num_hit_tokens
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_hit_tokens
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Publishes the request's blocks whose every token is computed."""
+        if self.prefix_cache is None:
+            return
+        full = request.num_computed_tokens // self.block_size
+        if full > request.num_published_blocks:
+            self.prefix_cache.insert(request.all_token_ids[: full * self.block_size],
+                                     request.block_ids[:full])
+            request.num_published_blocks = full
 
     @property
     def num_free_blocks(self) -> int:
@@ -77,26 +130,40 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       prefix_blocks: list[int] | None = None) -> bool:
         """Grows the request's block table to cover ``num_computed_tokens + num_new_tokens``
-        tokens. Returns False, changing nothing, when the pool is too small right now."""
-        need = self.blocks_needed(request.num_computed_tokens + num_new_tokens)
-        extra = need - len(request.block_ids)
-        if extra <= 0:
-            return True
-        if extra > self.pool.num_free_blocks:
+        tokens (after ``prefix_blocks``, cache hits for a request that holds no block yet,
+        which then count as computed). Returns False, changing nothing, when the pool is
+        too small right now."""
+        prefix_blocks = prefix_blocks or []
+        computed = request.num_computed_tokens + len(prefix_blocks) * self.block_size
+        need = self.blocks_needed(computed + num_new_tokens)
+        extra = need - len(request.block_ids) - len(prefix_blocks)
+        # hits on evictable blocks leave the free list: they are not free for us too
+        reclaimed = sum(1 for b in prefix_blocks if self.pool.ref_counts[b] == 0)
+        if extra > self.pool.num_free_blocks - reclaimed:
             return False
-        request.block_ids.extend(self.pool.allocate(extra))
+        if prefix_blocks:
+            self.pool.touch(prefix_blocks)
+            request.block_ids = list(prefix_blocks)
+            request.num_computed_tokens = computed
+            request.num_published_blocks = len(prefix_blocks)
+        if extra > 0:
+            request.block_ids.extend(self.pool.allocate(extra))
         return True
 
     def free(self, request: Request) -> None:
-        """Returns all of a request's blocks (on finish, abort or preemption)."""
-        self.pool.free(request.block_ids)
+        """Returns all of a request's blocks (on finish, abort or preemption), tail first
+        so that a cached prefix outlives its extensions in the LRU order."""
+        self.pool.free(request.block_ids[::-1])
         request.block_ids = []
+        request.num_published_blocks = 0
 
     def check_integrity(self, live_requests: list[Request]) -> None:
-        """Pool invariants, plus: the blocks held by live requests are exactly the
-        referenced ones, with matching counts."""
+        """Pool and tree invariants, plus: the blocks held by live requests are exactly
+        the referenced ones, with matching counts, and a cached block a request holds sits
+        at the same depth in the tree as in the request's block table."""
         self.pool.check_integrity()
         counts = [0] * self.pool.num_blocks
         for r in live_requests:
@@ -104,3 +171,12 @@ class KVCacheManager:
                 counts[b] += 1
         if counts != self.pool.ref_counts:
             raise AssertionError("block ref counts do not match the requests' block tables")
+        if self.prefix_cache is None:
+            return
+        self.prefix_cache.check_integrity()
+        for r in live_requests:
+            for i, b in enumerate(r.block_ids):
+                depth = self.prefix_cache.depth(b)
+                if depth is not None and depth != i:
+                    raise AssertionError(f"block {b} is block {i} of {r.request_id} but "
+                                         f"cached at depth {depth}")

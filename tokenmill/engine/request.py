@@ -54,6 +54,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    num_published_blocks: int = 0   # leading blocks already entered in the prefix cache
+    num_cached_tokens: int | None = None  # prefix-cache hit at first admission
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -117,7 +117,9 @@ class Scheduler:
     def _admit_waiting(self, budget: int, scheduled: dict[int, ScheduledRequest]) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            remaining = req.num_tokens - req.num_computed_tokens
+            hit_blocks = self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []
+            hit_tokens = len(hit_blocks) * self.kv.block_size
+            remaining = req.num_tokens - req.num_computed_tokens - hit_tokens
             if not self.config.enable_chunked_prefill and remaining > budget:
                 # Without chunking a prompt goes in whole; one larger than the budget
                 # may still go alone in an otherwise empty step.
@@ -125,8 +127,9 @@ class Scheduler:
                     break
                 budget = remaining
             num_new = min(remaining, budget)
-            if not self.kv.allocate_slots(req, num_new):
+            if not self.kv.allocate_slots(req, num_new, hit_blocks):
                 break
+            self.kv.record_admission(req, hit_tokens)
             self.waiting.pop(0)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -147,15 +150,16 @@ class Scheduler:
         return share.num_new_tokens if share else 0
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Marks the scheduled tokens as computed (their K/V is now in the cache)."""
+        """Marks the scheduled tokens as computed (their K/V is now in the cache) and
+        publishes newly completed blocks to the prefix cache."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(s.request)
 
     def check_integrity(self) -> None:
         """The block invariants, over every live request."""
         live = self.running + self.waiting
         self.kv.check_integrity(live)
         for r in self.waiting:
-            if r.block_ids and r.status != RequestStatus.RUNNING:
-                # waiting requests hold no blocks (preemption frees everything)
+            if r.block_ids:  # preemption frees everything
                 raise AssertionError(f"waiting request {r.request_id} holds blocks")
