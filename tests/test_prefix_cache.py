@@ -106,3 +106,39 @@ def test_outputs_identical_with_cache_on_and_off(tiny_model_dir, pool_blocks):
     assert hits > 0 and all(o.num_cached_tokens == 0 for o in second_off)
     evicted = on.engine.kv_manager.prefix_cache.num_evicted
     assert evicted > 0 if pool_blocks == 24 else evicted == 0
+
+
+def test_n_siblings_share_the_prompt_blocks(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), skip_tokenizer_init=True, kv_cache_memory="4MiB",
+              show_progress=False)
+    prompt = random_prompts(1, 512, seed=30, min_len=50, max_len=50)[0]
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8,
+                                                ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs) == 3
+    kv = llm.engine.kv_manager
+    # siblings 1 and 2 found sequence 0's three full prompt blocks in the cache
+    assert kv.num_hit_tokens == 2 * 48
+    alone = LLM(tiny_model_dir("llama"), skip_tokenizer_init=True, kv_cache_memory="4MiB",
+                show_progress=False, enable_prefix_caching=False)
+    again = alone.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8,
+                                                    ignore_eos=True), use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+
+
+def test_lpm_serves_cached_prefixes_first_without_starving(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory="4MiB", show_progress=False,
+              scheduling_policy="lpm", max_num_seqs=1)
+    shared = random_prompts(1, 512, seed=31, min_len=48, max_len=48)[0]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    llm.generate([shared + [7]], params, use_tqdm=False)     # warm the cache
+    engine = llm.engine
+    cold = engine.add_request(random_prompts(1, 512, seed=32, min_len=40, max_len=40)[0],
+                              params)
+    warm = engine.add_request(shared + [9, 9], params)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == [warm, cold]  # the later, cached one went first
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        LLM(path, skip_tokenizer_init=True, scheduling_policy="sjf", show_progress=False)

@@ -153,8 +153,12 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     max_model_len: int | None = None
     enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"  # fcfs | lpm (longest cached prefix first)
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"scheduling_policy must be fcfs or lpm, got "
+                             f"{self.scheduling_policy!r}.")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1.")
         if self.max_num_seqs < 1:
@@ -194,6 +198,7 @@ class EngineConfig:
         enable_chunked_prefill: bool = True,
         skip_tokenizer_init: bool = False,
         enable_prefix_caching: bool = True,
+        scheduling_policy: str = "fcfs",
     ) -> EngineConfig:
         if model is None:
             from tokenmill.loader.default_model import default_model_path
@@ -218,5 +223,6 @@ class EngineConfig:
                 max_num_seqs=max_num_seqs,
                 max_model_len=max_model_len,
                 enable_chunked_prefill=enable_chunked_prefill,
+                scheduling_policy=scheduling_policy,
             ),
         )

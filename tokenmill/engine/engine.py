@@ -130,6 +130,7 @@ class Engine:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
                     stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
         return UserRequest(request_id, text, ids, seqs)
 

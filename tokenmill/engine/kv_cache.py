@@ -17,11 +17,14 @@ evictable) or referenced by at least one request (ref count > 0), never both.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
 from tokenmill.engine.prefix_cache import PrefixCache
 from tokenmill.engine.request import Request
+
+logger = logging.getLogger("tokenmill")
 
 
 class BlockPool:
@@ -107,6 +110,8 @@ class KVCacheManager:
         self.num_hit_tokens += num_hit_tokens
         if request.num_cached_tokens is None:
             request.num_cached_tokens = num_hit_tokens
+        logger.debug("prefix cache: %s hit %d of %d tokens", request.request_id,
+                     num_hit_tokens, request.num_tokens)
 
     def cache_full_blocks(self, request: Request) -> None:
         """Publishes the request's blocks whose every token is computed."""

@@ -56,6 +56,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     num_published_blocks: int = 0   # leading blocks already entered in the prefix cache
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission
+    waiting_steps: int = 0          # scheduling rounds spent waiting (lpm starvation guard)
+    first_sibling: Request | None = None  # for n > 1: sequence 0 of the same user request
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0

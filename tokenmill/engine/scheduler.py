@@ -24,6 +24,8 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.request import Request, RequestStatus
 
+STARVATION_STEPS = 32  # lpm: a request waiting this many steps is served in arrival order
+
 
 @dataclass
 class ScheduledRequest:
@@ -115,9 +117,33 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, budget: int, scheduled: dict[int, ScheduledRequest]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            hit_blocks = self.kv.match_prefix(req) if req.num_computed_tokens == 0 else []
+        """Admits waiting requests in policy order while budget, seats and blocks last.
+
+        ``fcfs``: (priority, arrival). ``lpm`` (longest prefix match): among equal
+        priorities, the request with the most cached tokens first, so that requests
+        sharing a prefix run while it is cached; a request that has waited
+        ``STARVATION_STEPS`` steps goes back to arrival order. A sibling of an ``n > 1``
+        request waits until the first sibling has computed the prompt's full blocks, then
+        finds them in the prefix cache instead of computing its own copy."""
+        hits: dict[int, list[int]] = {}
+
+        def hit(r: Request) -> list[int]:
+            if id(r) not in hits:
+                hits[id(r)] = self.kv.match_prefix(r) if r.num_computed_tokens == 0 else []
+            return hits[id(r)]
+
+        order = list(self.waiting)
+        if self.config.scheduling_policy == "lpm":
+            order.sort(key=lambda r: (r.priority, r.waiting_steps < STARVATION_STEPS,
+                                      -len(hit(r)), r.arrival_time))
+        for r in self.waiting:
+            r.waiting_steps += 1
+        for req in order:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if self._sibling_computing_prompt(req):
+                continue
+            hit_blocks = hit(req)
             hit_tokens = len(hit_blocks) * self.kv.block_size
             remaining = req.num_tokens - req.num_computed_tokens - hit_tokens
             if not self.config.enable_chunked_prefill and remaining > budget:
@@ -130,11 +156,18 @@ class Scheduler:
             if not self.kv.allocate_slots(req, num_new, hit_blocks):
                 break
             self.kv.record_admission(req, hit_tokens)
-            self.waiting.pop(0)
+            self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             scheduled[id(req)] = ScheduledRequest(req, num_new)
             budget -= num_new
+
+    def _sibling_computing_prompt(self, req: Request) -> bool:
+        first = req.first_sibling
+        if first is None or self.kv.prefix_cache is None or first.is_finished:
+            return False
+        full = req.num_prompt_tokens // self.kv.block_size * self.kv.block_size
+        return first.num_computed_tokens < full
 
     def _preempt(self, victim: Request, share: ScheduledRequest | None,
                  out: SchedulerOutput) -> int:
