@@ -32,6 +32,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget per step (prefill chunk size)")
     g.add_argument("--no-chunked-prefill", action="store_true",
                    help="admit prompts whole instead of in chunks")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn off the radix prefix cache (on by default)")
+    g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "lpm"],
+                   help="lpm: among equal priorities, longest cached prefix first")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
 
 
@@ -40,7 +44,9 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 kv_cache_memory=a.kv_cache_memory, block_size=a.block_size,
                 max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 max_num_batched_tokens=a.max_num_batched_tokens,
-                enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed)
+                enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed,
+                enable_prefix_caching=not a.no_prefix_caching,
+                scheduling_policy=a.scheduling_policy)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -164,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(c)
     add_sampling_args(c, max_tokens=512)
     c.set_defaults(func=cmd_chat)
+
+    from tokenmill.server.cli_serve import add_serve_parser  # imports nothing heavy
+
+    add_serve_parser(sub)
+
+    from tokenmill.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

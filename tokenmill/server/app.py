@@ -1,0 +1,158 @@
+"""The FastAPI app: routes, API-key check, and the engine's life inside the server's.
+
+``build_app(engine, model_names)`` wires the OpenAI endpoints to their handlers
+(``serving_completions``, ``serving_chat``) and adds vLLM's utility endpoints:
+
+    POST /v1/completions        POST /v1/chat/completions     GET /v1/models[/{id}]
+    GET  /health                GET  /version                 GET /metrics
+    POST /tokenize              POST /detokenize
+
+The lifespan starts the engine thread when the server starts and, on shutdown (after
+uvicorn has stopped accepting connections and let the open ones finish), stops it with
+``AsyncEngine.shutdown``. Handlers never call into the engine loop directly: they only
+tokenize and await ``AsyncEngine.generate``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, Request
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import tokenmill
+from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.server.errors import authentication_failed, install_exception_handlers
+from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
+from tokenmill.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+from tokenmill.server.serving_chat import ChatHandler, chat_prompt_ids
+from tokenmill.server.serving_completions import (
+    CompletionHandler,
+    ServingContext,
+    json_response,
+)
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+class APIKeyMiddleware:
+    """Requires ``Authorization: Bearer KEY`` on every HTTP route but /health.
+
+    Plain ASGI (not BaseHTTPMiddleware), so streaming responses and client-disconnect
+    detection pass through untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization")
+            if given is None or not hmac.compare_digest(given, self.expected):
+                response = authentication_failed(given is not None).response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None = None,
+              shutdown_timeout: float = 30.0) -> FastAPI:
+    """The server for ``engine``. ``model_names`` are the names clients may put in
+    "model" (the first is reported back); the model's path is accepted too."""
+    if not model_names:
+        raise ValueError("model_names needs at least one name to serve the model under.")
+    metrics = ServerMetrics(model_names[0], engine.stats)
+    ctx = ServingContext(engine, list(model_names), metrics)
+    completions, chat = CompletionHandler(ctx), ChatHandler(ctx)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.shutdown(timeout=shutdown_timeout)
+
+    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    install_exception_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, raw: Request) -> Response:
+        return await completions.create(body, raw)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await chat.create(body, raw)
+
+    def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=started, root=ctx.model_path,
+                         max_model_len=ctx.max_model_len)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return json_response(ModelList(data=[card(n) for n in ctx.model_names]))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Response:
+        ctx.check_model(model_id)
+        return json_response(card(model_id))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.is_running else 503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": tokenmill.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(body: Annotated[dict[str, Any], Body()]) -> Response:
+        """vLLM's shapes: ``{"prompt"}`` or ``{"messages"}`` (rendered with the chat
+        template), plus ``add_special_tokens``."""
+        tok = ctx.tokenizer
+        if "messages" in body:
+            chat_req = TokenizeChatRequest.model_validate(body)
+            ctx.check_model(chat_req.model)
+            ids = chat_prompt_ids(tok, chat_req.messages, chat_req.add_generation_prompt,
+                                  chat_req.chat_template_kwargs,
+                                  add_special_tokens=chat_req.add_special_tokens)
+            want_strs = chat_req.return_token_strs
+        else:
+            req = TokenizeCompletionRequest.model_validate(body)
+            ctx.check_model(req.model)
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            want_strs = req.return_token_strs
+        return json_response(TokenizeResponse(
+            count=len(ids), max_model_len=ctx.max_model_len, tokens=ids,
+            token_strs=tok.convert_ids_to_tokens(ids) if want_strs else None))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        ctx.check_model(body.model)
+        if body.tokens:
+            ctx.check_token_ids(body.tokens, "tokens")
+        text = ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)
+        return json_response(DetokenizeResponse(prompt=text))
+
+    return app

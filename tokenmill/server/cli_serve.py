@@ -1,0 +1,125 @@
+"""``tokenmill serve [MODEL]``: load the engine and serve it over HTTP with uvicorn.
+
+Start-up order: parse and check the flags, load the model (seconds), print what is
+served (model, dtype, KV capacity, URL), then hand over to uvicorn, whose lifespan
+starts the engine thread.
+
+Shutdown: on SIGINT or SIGTERM uvicorn stops accepting connections, lets the open ones
+finish (up to ``--shutdown-timeout`` seconds, then cancels them, which aborts their
+requests), and runs the lifespan's ``AsyncEngine.shutdown``. uvicorn then re-raises the
+signal for the previous handler; we make that handler a no-op so a graceful stop exits
+with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
+from tokenmill.cli import add_engine_args, engine_kwargs
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="HF folder or .gguf file (same as --model)")
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="names clients use in 'model' (default: the model path as given, "
+                        "or SmolLM2-135M-Instruct for the embedded model)")
+    g.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $TOKENMILL_API_KEY)")
+    g.add_argument("--max-queued-requests", type=int, default=None,
+                   help="waiting requests beyond this get HTTP 429 (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    g.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    g.add_argument("--disable-access-log", action="store_true",
+                   help="do not log every HTTP request")
+    add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def _check(a: argparse.Namespace) -> None:
+    if a.model_tag is not None:
+        if a.model is not None and a.model != a.model_tag:
+            raise ValueError(f"the model is given twice, as {a.model_tag!r} and as --model "
+                             f"{a.model!r}; pass one.")
+        a.model = a.model_tag
+    if not 0 <= a.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {a.port}.")
+    if a.max_queued_requests is not None and a.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {a.max_queued_requests}.")
+    if a.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {a.shutdown_timeout}.")
+
+
+def default_served_name(model: str | None, model_path: str) -> str:
+    """The model path as the user gave it (vLLM's rule); for the embedded model, its
+    name without the quantization suffix."""
+    if model is not None:
+        return model
+    return os.path.basename(model_path).split(".")[0]
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def banner(engine, names: list[str], url: str, api_key: bool) -> str:
+    """What is served, in a few lines."""
+    e = engine.engine
+    cfg, mc = e.config, e.model_config
+    blocks, block_size = e.kv_manager.pool.num_blocks, e.kv_manager.block_size
+    kv_bytes = blocks * block_size * mc.kv_bytes_per_token(cfg.dtype)
+    dtype = str(cfg.dtype).removeprefix("torch.")
+    return "\n".join([
+        f"tokenmill serving {', '.join(names)}",
+        f"  model     {cfg.model} ({mc.architecture})",
+        f"  dtype     {dtype} on {cfg.device}",
+        f"  KV cache  {blocks * block_size} tokens ({blocks} blocks x {block_size}, "
+        f"{kv_bytes / 2**20:.1f} MiB); max_model_len {e.max_model_len}, "
+        f"max_num_seqs {cfg.scheduler.max_num_seqs}",
+        f"  URL       {url}/v1  (OpenAI base URL; also /health /metrics /docs)"
+        + ("  [API key required]" if api_key else ""),
+    ])
+
+
+@contextlib.contextmanager
+def _graceful_signals_exit_zero() -> Iterator[None]:
+    previous = {sig: signal.signal(sig, lambda *_: None)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    _check(a)
+    import uvicorn
+
+    from tokenmill.engine.async_engine import AsyncEngine
+    from tokenmill.server.app import build_app
+
+    engine = AsyncEngine.from_flags(max_queued_requests=a.max_queued_requests,
+                                    **engine_kwargs(a))
+    names = a.served_model_name or [default_served_name(a.model, engine.engine.config.model)]
+    app = build_app(engine, names, api_key=a.api_key, shutdown_timeout=a.shutdown_timeout)
+    print(banner(engine, names, base_url(a.host, a.port), bool(a.api_key)), flush=True)
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
+                            access_log=not a.disable_access_log,
+                            timeout_graceful_shutdown=a.shutdown_timeout)
+    server = uvicorn.Server(config)
+    with _graceful_signals_exit_zero():
+        server.run()
+    return 0 if server.started else 1
+

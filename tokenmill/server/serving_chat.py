@@ -1,0 +1,161 @@
+"""POST /v1/chat/completions: a completion whose prompt is a conversation.
+
+The messages are rendered with the model's own chat template (``add_generation_prompt``
+opens the assistant's turn) and the result is tokenized *without* adding special tokens
+again: templates write BOS themselves when the model needs it. From there it is one
+engine request with ``n`` completions, answered in the chat shapes:
+
+* non-streaming: ``choices[i].message = {"role": "assistant", "content": ...}``;
+* streaming: per choice, a first chunk with ``delta: {"role": "assistant",
+  "content": ""}``, then content deltas, then ``finish_reason`` on its last chunk; with
+  ``stream_options.include_usage`` every chunk carries ``"usage": null`` and a final
+  chunk with ``"choices": []`` carries the usage.
+
+Logprobs use the chat shape: ``logprobs.content`` is one entry per generated token,
+``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]}`` with the
+``top_logprobs`` most likely tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from tokenmill.outputs import PositionLogprobs, RequestOutput
+from tokenmill.server.errors import invalid_request
+from tokenmill.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+    DeltaMessage,
+)
+from tokenmill.server.serving_completions import (
+    ServingContext,
+    json_response,
+    prompt_logprobs_json,
+    usage,
+)
+from tokenmill.server.sse import EngineStreams, EventStreamResponse, sse_frame
+from tokenmill.tokenizer import Tokenizer
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage],
+                    add_generation_prompt: bool = True,
+                    template_kwargs: dict[str, Any] | None = None,
+                    add_special_tokens: bool = False) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template."""
+    try:
+        text = tokenizer.apply_chat_template([m.for_template() for m in messages],
+                                             add_generation_prompt=add_generation_prompt,
+                                             **(template_kwargs or {}))
+    except ValueError as e:  # no template, or the template rejected the conversation
+        raise invalid_request(str(e), "messages") from e
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _top(token: int, lp) -> ChatTopLogprob:
+    text = lp.decoded_token or ""
+    return ChatTopLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()))
+
+
+def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs],
+                  top_n: int) -> ChatLogprobs:
+    content = []
+    for tid, entry in zip(token_ids, entries, strict=True):
+        chosen = _top(tid, entry[tid])
+        ranked = sorted((e for e in entry.items() if (e[1].rank or 0) <= top_n),
+                        key=lambda e: (e[1].rank or 0, -e[1].logprob))
+        content.append(ChatTokenLogprob(**chosen.model_dump(),
+                                        top_logprobs=[_top(t, lp) for t, lp in ranked]))
+    return ChatLogprobs(content=content)
+
+
+class ChatHandler:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        ctx = self.ctx
+        ctx.check_model(req.model)
+        if req.stream and req.prompt_logprobs is not None:
+            raise invalid_request("prompt_logprobs is not supported with stream",
+                                  "prompt_logprobs")
+        ids = chat_prompt_ids(ctx.tokenizer, req.messages, req.add_generation_prompt,
+                              req.chat_template_kwargs)
+        ctx.check_token_ids(ids, "messages")
+        kwargs = req.sampling_kwargs()
+        kwargs["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = ctx.make_params(kwargs, len(ids), max_tokens, "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await ctx.start(request_id, [ids], [params], req.priority)
+        if req.stream:
+            return EventStreamResponse(self._frames(req, request_id, streams), streams)
+        out = (await ctx.run(raw, streams))[0]
+        return json_response(self._response(req, request_id, out))
+
+    def _response(self, req: ChatCompletionRequest, request_id: str,
+                  out: RequestOutput) -> ChatCompletionResponse:
+        choices = [ChatChoice(
+            index=o.index, message=ChatResponseMessage(content=o.text),
+            logprobs=(chat_logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0)
+                      if req.logprobs else None),
+            finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in out.outputs]
+        return ChatCompletionResponse(
+            id=request_id, model=self.ctx.model_name, choices=choices, usage=usage([out]),
+            prompt_logprobs=(prompt_logprobs_json(out.prompt_logprobs)
+                             if req.prompt_logprobs is not None else None))
+
+    async def _frames(self, req: ChatCompletionRequest, request_id: str,
+                      streams: EngineStreams) -> AsyncIterator[str]:
+        created = int(time.time())
+        exclude = None if req.include_usage else {"usage"}
+
+        def frame(choice: ChatStreamChoice) -> str:
+            chunk = ChatCompletionChunk(id=request_id, created=created,
+                                        model=self.ctx.model_name, choices=[choice])
+            return sse_frame(chunk.model_dump_json(exclude=exclude))
+
+        for index in range(req.n):
+            yield frame(ChatStreamChoice(index=index,
+                                         delta=DeltaMessage(role="assistant", content="")))
+        sent_text = [0] * req.n
+        sent_tokens = [0] * req.n
+        done = [False] * req.n
+        last: RequestOutput | None = None
+        async for _, out in streams:
+            last = out
+            for o in out.outputs:
+                j = o.index
+                if done[j]:
+                    continue
+                text, new_ids = o.text[sent_text[j]:], o.token_ids[sent_tokens[j]:]
+                if not text and not o.finish_reason and not (req.logprobs and new_ids):
+                    continue
+                logprobs = None
+                if req.logprobs:
+                    entries = (o.logprobs or [])[sent_tokens[j]:len(o.token_ids)]
+                    logprobs = chat_logprobs(new_ids, entries, req.top_logprobs or 0)
+                sent_text[j], sent_tokens[j] = len(o.text), len(o.token_ids)
+                done[j] = o.finish_reason is not None
+                delta = DeltaMessage(content=text if text or not done[j] else None)
+                yield frame(ChatStreamChoice(index=j, delta=delta, logprobs=logprobs,
+                                             finish_reason=o.finish_reason,
+                                             stop_reason=o.stop_reason))
+        if req.include_usage and last is not None:
+            chunk = ChatCompletionChunk(id=request_id, created=created,
+                                        model=self.ctx.model_name, choices=[],
+                                        usage=usage([last]))
+            yield sse_frame(chunk.model_dump_json())
