@@ -48,6 +48,8 @@ class EngineStats:
     num_queued: int          # waiting in the scheduler + not yet picked up by the loop
     kv_cache_usage: float    # fraction of KV blocks in use
     num_preemptions: int     # since start
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0     # of which found cached
 
 
 _STOP = object()
@@ -104,7 +106,9 @@ class AsyncEngine:
         return EngineStats(num_running=len(sched.running), num_waiting=waiting,
                            num_queued=waiting + self._pending_adds,
                            kv_cache_usage=self.engine.kv_manager.usage,
-                           num_preemptions=sched.num_preemptions)
+                           num_preemptions=sched.num_preemptions,
+                           prefix_cache_queries=self.engine.kv_manager.num_queried_tokens,
+                           prefix_cache_hits=self.engine.kv_manager.num_hit_tokens)
 
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,

@@ -59,10 +59,17 @@ class _EngineStateCollector(Collector):
             g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=LABELS)
             g.add_metric([self.model_name], value)
             yield g
-        c = CounterMetricFamily("tokenmill:num_preemptions",
-                                "Cumulative number of preempted requests.", labels=LABELS)
-        c.add_metric([self.model_name], s.num_preemptions)
-        yield c
+        for name, doc, value in (
+            ("num_preemptions", "Cumulative number of preempted requests.",
+             s.num_preemptions),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             s.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+             s.prefix_cache_hits),
+        ):
+            c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=LABELS)
+            c.add_metric([self.model_name], value)
+            yield c
 
 
 class ServerMetrics:

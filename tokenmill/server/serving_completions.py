@@ -41,6 +41,7 @@ from tokenmill.server.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
+    PromptTokensDetails,
     UsageInfo,
 )
 from tokenmill.server.sse import EngineStreams, EventStreamResponse, sse_frame, until_disconnected
@@ -137,8 +138,10 @@ def json_response(model: Any) -> Response:
 def usage(outputs: list[RequestOutput]) -> UsageInfo:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    cached = sum(o.num_cached_tokens for o in outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+                     total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def prompt_logprobs_json(entries: list[PositionLogprobs | None] | None):
