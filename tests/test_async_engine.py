@@ -40,6 +40,7 @@ def test_concurrent_streams_match_the_offline_engine(tiny_model_dir):
         return results, engine
 
     results, engine = asyncio.run(main())
+    assert engine.integrity_failures == 0
     for outs, tokens in zip(results, expected, strict=True):
         assert outs[-1].finished and outs[-1].outputs[0].token_ids == tokens
         # cumulative outputs only grow

@@ -74,7 +74,12 @@ def test_chat_streamed_text_equals_the_whole_text(client):
     assert len({c.id for c in chunks}) == 1
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert chunks[-1].choices == []
+    streamed, plain = chunks[-1].usage, whole.usage
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.total_tokens) == (
+        plain.prompt_tokens, plain.completion_tokens, plain.total_tokens)
+    # the second request found the first one's prompt blocks in the prefix cache
+    assert streamed.prompt_tokens_details.cached_tokens == (plain.prompt_tokens - 1) // 16 * 16
 
 
 def test_errors_have_the_openai_shape(client):

@@ -67,6 +67,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._accepting = True
         self._dead: BaseException | None = None
+        self.integrity_failures = 0  # idle-time check_integrity() failures (should stay 0)
 
     @classmethod
     def from_flags(cls, max_queued_requests: int | None = None, show_progress: bool = True,
@@ -156,15 +157,20 @@ class AsyncEngine:
 
     # ---- the engine thread ------------------------------------------------------------
     def _run(self) -> None:
+        busy = False
         try:
             while True:
                 if not self._drain_inbox():
                     return
                 if self.engine.has_unfinished_requests():
+                    busy = True
                     outputs = self.engine.step()
                     for out in outputs:
                         self._deliver(out.request_id, out)
                 else:
+                    if busy:  # just went idle: a cheap check of every block invariant
+                        busy = False
+                        self._check_integrity()
                     self._wakeup.wait(timeout=0.5)
                     self._wakeup.clear()
         except BaseException as e:  # report to every waiting client, then stop
@@ -172,6 +178,13 @@ class AsyncEngine:
             self._dead = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"the engine loop crashed: {e!r}"))
+
+    def _check_integrity(self) -> None:
+        try:
+            self.engine.scheduler.check_integrity()
+        except AssertionError:
+            logger.exception("KV cache integrity check failed")
+            self.integrity_failures += 1
 
     def _drain_inbox(self) -> bool:
         """Applies queued commands; False when asked to stop."""
