@@ -88,10 +88,7 @@ class ChatHandler:
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        if req.stream and req.prompt_logprobs is not None:
-            raise invalid_request("prompt_logprobs is not supported with stream",
-                                  "prompt_logprobs")
+        ctx.check_request(req.model, req.stream, req.prompt_logprobs)
         ids = chat_prompt_ids(ctx.tokenizer, req.messages, req.add_generation_prompt,
                               req.chat_template_kwargs)
         ctx.check_token_ids(ids, "messages")

@@ -82,6 +82,13 @@ class ServingContext:
         if name is not None and name not in self.model_names and name != self.model_path:
             raise model_not_found(name)
 
+    def check_request(self, model: str | None, stream: bool, prompt_logprobs) -> None:
+        """Checks shared by both endpoints: the model name and what streaming allows."""
+        self.check_model(model)
+        if stream and prompt_logprobs is not None:
+            raise invalid_request("prompt_logprobs is not supported with stream",
+                                  "prompt_logprobs")
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
         if not ids:
             raise invalid_request(f"The {param} is empty.", param)
@@ -170,10 +177,7 @@ class CompletionHandler:
 
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
-        ctx.check_model(req.model)
-        if req.stream and req.prompt_logprobs is not None:
-            raise invalid_request("prompt_logprobs is not supported with stream",
-                                  "prompt_logprobs")
+        ctx.check_request(req.model, req.stream, req.prompt_logprobs)
         prompts = [self._tokenize(p) for p in req.prompts()]
         params = [self._params(req, len(ids)) for _, ids in prompts]
         request_id = f"cmpl-{uuid.uuid4().hex}"
