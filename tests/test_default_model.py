@@ -117,3 +117,25 @@ def test_prompt_longer_than_context_is_refused_before_taking_blocks():
     assert out.outputs[0].finish_reason == "length"
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
     assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_weights_stay_packed(llm):
+    model = llm.engine.runner.model
+    assert model.model.layers[0].mlp.gate_up_proj.packed.qtype == 3  # Q4_1
+    assert model.lm_head.packed is model.model.embed_tokens.packed  # tied, Q8_0
+    assert model.lm_head.packed.qtype == 8
+
+
+def test_packed_weights_match_the_dense_path(llm):
+    """Same weights, same float32 math, other summation order: same greedy tokens and
+    top-5 logprobs within 1e-3 at every position."""
+    dense = LLM(kv_cache_memory="64MiB", show_progress=False, quantization="none")
+    assert dense.engine.runner.model.lm_head.packed is None
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    packed_out = llm.generate(PROMPTS, params, use_tqdm=False)
+    dense_out = dense.generate(PROMPTS, params, use_tqdm=False)
+    for p, d in zip(packed_out, dense_out, strict=True):
+        assert p.outputs[0].token_ids == d.outputs[0].token_ids
+        for lp_p, lp_d in zip(p.outputs[0].logprobs, d.outputs[0].logprobs, strict=True):
+            for tok, entry in lp_d.items():
+                assert abs(lp_p[tok].logprob - entry.logprob) < 1e-3

@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                                    "float16")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from the config, for benchmarks")
+    g.add_argument("--quantization", default="auto", choices=["auto", "none"],
+                   help="auto: GGUF Q4_0/Q4_1/Q8_0 weights stay packed on CPU and C kernels "
+                        "multiply them; none: dequantize every weight at load")
     g.add_argument("--kv-cache-memory", default="2GiB", help="KV pool size, e.g. 2GiB")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-model-len", type=int, default=None,
@@ -46,7 +49,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_batched_tokens=a.max_num_batched_tokens,
                 enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed,
                 enable_prefix_caching=not a.no_prefix_caching,
-                scheduling_policy=a.scheduling_policy)
+                scheduling_policy=a.scheduling_policy, quantization=a.quantization)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

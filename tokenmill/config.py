@@ -178,6 +178,9 @@ class EngineConfig:
     load_format: str
     seed: int
     skip_tokenizer_init: bool = False
+    # "auto": GGUF matrices in Q4_0/Q4_1/Q8_0 stay packed on CPU (C kernels multiply them);
+    # "none": every weight is dequantized to ``dtype`` at load
+    quantization: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -199,6 +202,7 @@ class EngineConfig:
         skip_tokenizer_init: bool = False,
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
+        quantization: str = "auto",
     ) -> EngineConfig:
         if model is None:
             from tokenmill.loader.default_model import default_model_path
@@ -206,6 +210,8 @@ class EngineConfig:
             model = default_model_path()
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}.")
+        if quantization not in ("auto", "none"):
+            raise ValueError(f"quantization must be 'auto' or 'none', got {quantization!r}.")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}.")
         return cls(
@@ -216,6 +222,7 @@ class EngineConfig:
             load_format=load_format,
             seed=seed,
             skip_tokenizer_init=skip_tokenizer_init,
+            quantization=quantization,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(

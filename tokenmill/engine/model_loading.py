@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from tokenmill.config import EngineConfig, ModelConfig
 from tokenmill.layers.attention import AttentionBackend
+from tokenmill.layers.quantization import QTYPE_NAMES, packable
 from tokenmill.loader import open_checkpoint
 from tokenmill.models import build_model
 
@@ -27,6 +28,29 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             p.data.fill_(1.0)
         else:
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def weight_summary(model: nn.Module) -> str:
+    """E.g. ``96.3 MiB (Q4_1 packed x 210, Q8_0 packed x 1, float32 x 61)``."""
+    counts: dict[str, int] = {}
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        packed = getattr(module, "packed", None)
+        if packed is not None and id(packed) not in seen:
+            seen.add(id(packed))
+            key = f"{QTYPE_NAMES[packed.qtype]} packed"
+            counts[key] = counts.get(key, 0) + 1
+            total += packed.nbytes
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or (name == "weight" and packed is not None):
+                continue
+            seen.add(id(p))
+            key = str(p.dtype).removeprefix("torch.")
+            counts[key] = counts.get(key, 0) + 1
+            total += p.numel() * p.element_size()
+    parts = ", ".join(f"{k} x {v}" for k, v in counts.items())
+    return f"{total / 2**20:.1f} MiB ({parts})"
 
 
 def load_model(config: EngineConfig, backend: AttentionBackend,
@@ -50,7 +74,10 @@ def load_model(config: EngineConfig, backend: AttentionBackend,
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
     else:
-        tensors = tqdm(ckpt.tensors(), total=len(ckpt.tensor_names), desc="Loading weights",
+        keep_packed = packable if (config.quantization == "auto"
+                                   and config.device == "cpu") else None
+        tensors = tqdm(ckpt.tensors(keep_packed), total=len(ckpt.tensor_names),
+                       desc="Loading weights",
                        unit="tensor", disable=not show_progress, leave=False)
         loaded = model.load_weights(tensors)
         missing = model.required_parameters() - loaded
@@ -59,7 +86,7 @@ def load_model(config: EngineConfig, backend: AttentionBackend,
                              f"{', '.join(sorted(missing)[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}")
     model.eval()
-    logger.info("Loaded %s (%s, %s, %d layers) in %.1f s", config.model,
+    logger.info("Loaded %s (%s, %s, %d layers) in %.1f s; weights: %s", config.model,
                 model_cfg.architecture, str(config.dtype).removeprefix("torch."),
-                model_cfg.num_layers, time.perf_counter() - start)
+                model_cfg.num_layers, time.perf_counter() - start, weight_summary(model))
     return model, model_cfg

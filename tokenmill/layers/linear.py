@@ -9,6 +9,11 @@ suffices. With one rank all of this reduces to ``F.linear``.
 Each parameter carries a ``weight_loader(param, loaded, shard_id)`` that takes the full
 checkpoint tensor and copies in this rank's slice, so the model's loader never needs to
 know about sharding. Fused layers (qkv, gate_up) take their parts by ``shard_id``.
+
+A GGUF part may arrive still quantized (``QuantizedTensor``); the layer then keeps the
+blocks (``self.packed``) and multiplies with ``packed_linear``, never materialising the
+float32 weight (its ``torch.empty`` pages are never touched). If the parts of a fused
+layer disagree in type, the layer falls back to a dense float weight.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed import all_reduce, tp_rank, tp_size
+from tokenmill.layers.quantization import PackedWeight, QuantizedTensor, packable, packed_linear
 
 
 def _shard_size(total: int) -> int:
@@ -36,17 +42,44 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed: PackedWeight | None = None
+        self._dense = False  # some rows of self.weight were written as floats
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError
 
+    def _store(self, param: nn.Parameter, row_offset: int,
+               part: torch.Tensor | QuantizedTensor) -> None:
+        """Copy ``part`` (this rank's slice) into rows ``[row_offset, +len)`` of ``param``,
+        keeping quantized blocks packed where a kernel can read them."""
+        if param is self.weight and isinstance(part, QuantizedTensor):
+            if self.packed is None and not self._dense and packable(part.qtype):
+                self.packed = PackedWeight(part.qtype, *param.shape)
+            if self.packed is not None and self.packed.qtype == part.qtype:
+                self.packed.copy_rows(row_offset, part)
+                return
+        if param is self.weight:
+            self._densify()
+        if isinstance(part, QuantizedTensor):
+            part = part.dequantize()
+        param.data.narrow(0, row_offset, part.shape[0]).copy_(part)
+
+    def _densify(self) -> None:
+        """Use the float weight from now on (a part arrived dense or in another type)."""
+        self._dense = True
+        if self.packed is not None:
+            self.weight.data.copy_(self.packed.dequantize())
+            self.packed = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
     def weight_loader(self, param, loaded, shard_id=None):
-        param.data.copy_(loaded)
+        self._store(param, 0, loaded)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -57,7 +90,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param, loaded, shard_id=None):
         n = param.shape[0]
-        param.data.copy_(loaded.narrow(0, tp_rank() * n, n))
+        self._store(param, 0, loaded.narrow(0, tp_rank() * n, n))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -70,7 +103,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param, loaded, shard_id=None):
         sizes = [s // tp_size() for s in self.out_sizes]
         offset, n = sum(sizes[:shard_id]), sizes[shard_id]
-        param.data.narrow(0, offset, n).copy_(loaded.narrow(0, tp_rank() * n, n))
+        self._store(param, offset, loaded.narrow(0, tp_rank() * n, n))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -91,7 +124,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, n = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
         rank = tp_rank() if shard_id == "q" else tp_rank() // self.kv_replicas
-        param.data.narrow(0, offset, n).copy_(loaded.narrow(0, rank * n, n))
+        self._store(param, offset, loaded.narrow(0, rank * n, n))
 
 
 class RowParallelLinear(LinearBase):
@@ -105,8 +138,9 @@ class RowParallelLinear(LinearBase):
             param.data.copy_(loaded)
             return
         n = param.shape[1]
-        param.data.copy_(loaded.narrow(1, tp_rank() * n, n))
+        self._store(param, 0, loaded.narrow(1, tp_rank() * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
+        y = all_reduce(y)
         return y + self.bias if self.bias is not None else y

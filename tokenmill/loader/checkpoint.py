@@ -19,8 +19,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 _EXPECTED = (
     "pass a Hugging Face model folder (containing config.json and *.safetensors) "
     "or a single .gguf file"
@@ -44,15 +42,19 @@ class Checkpoint:
     format: str
     hf_config: dict[str, Any]
     tensor_names: tuple[str, ...]
-    _read: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False, compare=False)
+    _read: Callable[[Callable[[int], bool] | None], Iterator[tuple[str, Any]]] = field(
+        repr=False, compare=False)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, keep_packed: Callable[[int], bool] | None = None
+                ) -> Iterator[tuple[str, Any]]:
         """Yield ``(hf_name, tensor)`` pairs, reading one tensor at a time.
 
         HF folders yield the dtype stored in the file (bf16/fp16/fp32). GGUF files yield
-        tensors dequantized to ``torch.float32`` in HF layout. Each call re-reads the file.
+        tensors dequantized to ``torch.float32`` in HF layout, except 2-D tensors whose
+        ggml type ``keep_packed(type_id)`` accepts: those come as ``QuantizedTensor``
+        (blocks as stored, rows already in HF order). Each call re-reads the file.
         """
-        return self._read()
+        return self._read(keep_packed)
 
 
 def open_checkpoint(path: str) -> Checkpoint:

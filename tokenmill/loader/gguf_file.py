@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from tokenmill.config import RopeConfig
+from tokenmill.layers.quantization import QuantizedTensor
 from tokenmill.layers.rotary import inverse_frequencies
 from tokenmill.loader.checkpoint import Checkpoint, normalize_hf_config
 from tokenmill.loader.gguf_dequant import dequantize
@@ -244,7 +245,7 @@ def open_gguf(path: str) -> Checkpoint:
     heads = {"q_proj": hf_config["num_attention_heads"],
              "k_proj": hf_config["num_key_value_heads"]}
 
-    def read() -> Iterator[tuple[str, torch.Tensor]]:
+    def read(keep_packed=None) -> Iterator[tuple[str, Any]]:
         # ACCESS_COPY gives a writable (copy-on-write) view, so torch.frombuffer needs no
         # copy and does not warn; nothing is ever written back to the file.
         with open(path, "rb") as f:
@@ -252,9 +253,15 @@ def open_gguf(path: str) -> Checkpoint:
         for hf_name, info in named:
             raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes,
                                    offset=info.offset)
+            proj = hf_name.split(".")[-2]
+            if len(info.shape) == 2 and keep_packed is not None and keep_packed(info.qtype):
+                rows = raw.view(info.shape[0], -1)  # rows of blocks, HF [out, in] order
+                if permuted and proj in heads:
+                    rows = _unpermute_rope(rows, heads[proj])
+                yield hf_name, QuantizedTensor(int(info.qtype), rows, tuple(info.shape))
+                continue
             with _one_thread():
                 tensor = dequantize(raw, info.qtype, info.shape)
-                proj = hf_name.split(".")[-2]
                 if permuted and proj in heads:
                     tensor = _unpermute_rope(tensor, heads[proj])
             yield hf_name, tensor

@@ -29,7 +29,7 @@ def open_hf_folder(path: str) -> Checkpoint:
     shards = _shard_plan(path)
     names = tuple(name for _, shard_names in shards for name in shard_names)
 
-    def read() -> Iterator[tuple[str, torch.Tensor]]:
+    def read(keep_packed=None) -> Iterator[tuple[str, torch.Tensor]]:  # nothing is packed
         for file, shard_names in shards:
             with safe_open(file, framework="pt") as f:
                 for name in shard_names:

@@ -23,6 +23,7 @@ from tokenmill.layers.linear import (
     RowParallelLinear,
 )
 from tokenmill.layers.norm import RMSNorm
+from tokenmill.layers.quantization import PackedWeight, QuantizedTensor, packable
 from tokenmill.layers.rotary import RotaryEmbedding
 
 # checkpoint name fragment -> (our fused parameter's fragment, shard id)
@@ -36,13 +37,25 @@ _FUSED = (
 
 
 class VocabEmbedding(nn.Module):
-    """Token embeddings (replicated on every rank; a vocab-parallel split can come later)."""
+    """Token embeddings (replicated on every rank; a vocab-parallel split can come later).
+    A quantized GGUF table stays packed; a lookup decodes just the rows it needs."""
 
     def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.packed: PackedWeight | None = None
+
+    def weight_loader(self, param: nn.Parameter, loaded) -> None:
+        if isinstance(loaded, QuantizedTensor) and packable(loaded.qtype):
+            self.packed = PackedWeight(loaded.qtype, *param.shape)
+            self.packed.copy_rows(0, loaded)
+            return
+        param.data.copy_(loaded.dequantize() if isinstance(loaded, QuantizedTensor) else loaded)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.rows(ids).to(self.weight.dtype)
         return nn.functional.embedding(ids, self.weight)
 
 
@@ -164,7 +177,11 @@ class LlamaForCausalLM(nn.Module):
                                  f"{type(self).__name__} ({self.config.architecture})")
             param = params[target]
             loader = getattr(param, "weight_loader", None)
-            tensor = tensor.to(param.dtype)
+            if isinstance(tensor, QuantizedTensor):
+                if loader is None:
+                    tensor = tensor.dequantize()
+            else:
+                tensor = tensor.to(param.dtype)
             if loader is None:
                 param.data.copy_(tensor)
             elif shard is None:
@@ -172,6 +189,8 @@ class LlamaForCausalLM(nn.Module):
             else:
                 loader(param, tensor, shard)
             loaded.add(target)
+        if self.config.tie_word_embeddings:  # the LM head reads the embedding's blocks
+            self.lm_head.packed = self.model.embed_tokens.packed
         return loaded
 
     def required_parameters(self) -> set[str]:

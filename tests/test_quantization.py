@@ -1,0 +1,117 @@
+"""Packed GGUF weights: the C kernels against the torch dequantizer + F.linear, and the
+layers that hold packed blocks (fused parts, tensor-parallel column shards, fallback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+
+from tokenmill.kernels.cpu import kernels
+from tokenmill.layers import quantization
+from tokenmill.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
+from tokenmill.layers.quantization import (
+    KERNEL_MAX_ROWS,
+    PACKED_BLOCK_BYTES,
+    PackedWeight,
+    QuantizedTensor,
+    packed_linear,
+)
+from tokenmill.loader.gguf_dequant import dequantize
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler for the CPU kernels")
+
+
+def random_blocks(qtype: int, rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
+    """Random quantized rows with sane fp16 scales (and mins for Q4_1)."""
+    g = torch.Generator().manual_seed(seed)
+    bb = PACKED_BLOCK_BYTES[qtype]
+    data = torch.randint(0, 256, (rows, cols // 32, bb), dtype=torch.uint8, generator=g)
+    scales = (torch.rand(rows, cols // 32, generator=g) * 0.05 + 0.001).half()
+    data[..., 0:2] = scales.view(torch.uint8).view(rows, cols // 32, 2)
+    if qtype == 3:  # Q4_1's min
+        mins = (torch.rand(rows, cols // 32, generator=g) * -0.4).half()
+        data[..., 2:4] = mins.view(torch.uint8).view(rows, cols // 32, 2)
+    return QuantizedTensor(qtype, data.view(rows, -1), (rows, cols))
+
+
+def dense(t: QuantizedTensor) -> torch.Tensor:
+    return dequantize(t.data.reshape(-1), GGMLQuantizationType(t.qtype), t.shape)
+
+
+@pytest.mark.parametrize("qtype", [2, 3, 8])
+def test_dequant_kernel_is_bit_exact(qtype):
+    t = random_blocks(qtype, 37, 96)
+    assert torch.equal(kernels().dequant(qtype, t.data, 37, 96), dense(t))
+
+
+@pytest.mark.parametrize("qtype", [2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 130])
+def test_packed_linear_matches_dense(qtype, rows):
+    t = random_blocks(qtype, 67, 160, seed=rows)
+    w = PackedWeight(qtype, 67, 160)
+    w.copy_rows(0, t)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(67)
+    got = packed_linear(x, w, bias)
+    want = F.linear(x, dense(t), bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_keeps_leading_dims_and_dtype():
+    t = random_blocks(3, 8, 64)
+    w = PackedWeight(3, 8, 64)
+    w.copy_rows(0, t)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    y = packed_linear(x, w)
+    assert y.shape == (2, 3, 8) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x.float(), dense(t)), rtol=1e-2, atol=1e-2)
+
+
+def test_embedding_rows():
+    t = random_blocks(8, 50, 64)
+    w = PackedWeight(8, 50, 64)
+    w.copy_rows(0, t)
+    ids = torch.tensor([[3, 0], [49, 3]])
+    assert torch.equal(w.rows(ids), dense(t)[ids])
+
+
+def test_fused_parts_stay_packed():
+    layer = MergedColumnParallelLinear(64, [16, 24])
+    a, b = random_blocks(3, 16, 64, seed=1), random_blocks(3, 24, 64, seed=2)
+    layer.weight_loader(layer.weight, b, 1)
+    layer.weight_loader(layer.weight, a, 0)
+    assert layer.packed is not None and layer.packed.qtype == 3
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, torch.cat([dense(a), dense(b)])),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("second", ["other-type", "float"])
+def test_fused_parts_of_mixed_types_fall_back_to_dense(second):
+    layer = MergedColumnParallelLinear(64, [16, 24])
+    a = random_blocks(3, 16, 64, seed=1)
+    b = random_blocks(8, 24, 64, seed=2) if second == "other-type" else \
+        dense(random_blocks(8, 24, 64, seed=2))
+    layer.weight_loader(layer.weight, a, 0)
+    layer.weight_loader(layer.weight, b, 1)
+    assert layer.packed is None
+    want = torch.cat([dense(a), dense(b) if isinstance(b, QuantizedTensor) else b])
+    assert torch.equal(layer.weight, want)
+
+
+def test_column_shard_of_blocks():
+    t = random_blocks(8, 4, 128)
+    shard = t.narrow(1, 32, 64)
+    assert torch.equal(dense(shard), dense(t)[:, 32:96])
+    with pytest.raises(ValueError, match="whole blocks"):
+        t.narrow(1, 16, 32)
+
+
+def test_without_kernels_weights_load_dense(monkeypatch):
+    monkeypatch.setattr(quantization, "kernels", lambda: None)
+    layer = ReplicatedLinear(64, 8, bias=False)
+    t = random_blocks(3, 8, 64)
+    layer.weight_loader(layer.weight, t)
+    assert layer.packed is None and torch.equal(layer.weight, dense(t))

@@ -1,0 +1,116 @@
+"""The CPU kernels of ``cpu_quant.c``: built on first use, loaded with ctypes.
+
+The C file is compiled with the machine's C compiler (``$CC``, else ``cc``/``gcc``) into
+a shared library cached under ``$TOKENMILL_CACHE_DIR`` (default
+``~/.cache/tokenmill/kernels``), named by a hash of the source, the flags and the CPU, so
+it is built once per machine (about a second). ``-march=native`` is safe because the
+library never leaves the machine that built it. It is linked with ``-fopenmp`` and loaded
+after torch, so its parallel loops share the OpenMP runtime (and thread count) torch uses.
+
+Without a compiler, or with ``TOKENMILL_NO_KERNELS=1``, ``kernels()`` returns None and
+callers take their pure-torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("tokenmill")
+
+_SOURCE = Path(__file__).with_name("cpu_quant.c")
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_ABI_VERSION = 1
+
+
+def _cpu_id() -> str:
+    """The CPU model and flags, so a cache shared across machines never mixes builds."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_lib = Path(tmp) / out.name
+        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp_lib)], check=True,
+                       capture_output=True, text=True)
+        os.replace(tmp_lib, out)  # atomic: concurrent builders never see half a file
+
+
+class CPUKernels:
+    """ctypes bindings of the C functions, taking torch tensors."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.tm_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+        lib.tm_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+        if lib.tm_abi_version() != _ABI_VERSION:
+            raise RuntimeError("stale kernel library")
+        self.has_avx2 = bool(lib.tm_has_avx2())
+
+    def gemm(self, qtype: int, x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+        """``x [M, K]`` float32 contiguous, ``w`` packed blocks of an [n, K] matrix."""
+        m, k = x.shape
+        y = torch.empty(m, n, dtype=torch.float32)
+        rc = self.lib.tm_gemm(qtype, x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())
+        if rc:
+            raise RuntimeError(f"tm_gemm failed ({rc}) for type {qtype}, K={k}")
+        return y
+
+    def dequant(self, qtype: int, w: torch.Tensor, n: int, k: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(n, k, dtype=torch.float32)
+        rc = self.lib.tm_dequant(qtype, w.data_ptr(), n, k, out.data_ptr())
+        if rc:
+            raise RuntimeError(f"tm_dequant failed ({rc}) for type {qtype}, K={k}")
+        return out
+
+
+@functools.cache
+def kernels() -> CPUKernels | None:
+    """The compiled kernels, or None where they cannot be built (reason logged once)."""
+    if os.environ.get("TOKENMILL_NO_KERNELS") == "1":
+        return None
+    cc = _compiler()
+    if cc is None:
+        logger.warning("No C compiler found: quantized weights are dequantized at load "
+                       "(slower, more memory). Install gcc for the CPU kernels.")
+        return None
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cc, *_FLAGS)).encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TOKENMILL_CACHE_DIR",
+                                Path.home() / ".cache" / "tokenmill")) / "kernels"
+    lib_path = cache / f"cpu_quant-{key}.so"
+    try:
+        if not lib_path.exists():
+            _build(cc, lib_path)
+        return CPUKernels(ctypes.CDLL(str(lib_path)))
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        logger.warning("CPU kernels unavailable (%s): quantized weights are dequantized at "
+                       "load.", detail.strip().splitlines()[-1] if detail.strip() else e)
+        return None

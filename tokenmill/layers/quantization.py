@@ -1,0 +1,127 @@
+"""Weights kept in llama.cpp's block formats, multiplied without unpacking them in memory.
+
+A GGUF checkpoint stores most matrices as Q4_0, Q4_1 or Q8_0 blocks of 32 weights
+(0.56-1.06 bytes per weight instead of 4 for float32). ``QuantizedTensor`` carries such a
+matrix from the loader to the layers unchanged; ``PackedWeight`` is what a linear layer
+or the embedding holds after loading; ``packed_linear`` multiplies by it:
+
+* few rows (decodes, the sampled rows of the LM head): the C kernel decodes blocks in
+  registers, so each step reads the compressed bytes once. A CPU decode step is bound by
+  how many weight bytes it reads; this is the main speed-up of the CPU path;
+* many rows (prefill chunks): decode the matrix to float32 once into a scratch buffer
+  and hand it to the BLAS GEMM, which is compute-bound there and blocks far better than
+  a hand-written loop.
+
+The decoded weights are exactly the values ``gguf_dequant`` produces, so the packed path
+computes the same products as the dense path, only summed in another order.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.kernels.cpu import kernels
+from tokenmill.loader.gguf_dequant import dequantize
+
+# ggml type id -> bytes per block of 32 weights, for the types the kernels read
+PACKED_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0
+QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+BLOCK = 32
+# At or below this many rows the fused kernel beats decode-then-GEMM on the test CPU
+# (`python bench/packed_linear.py` prints the crossover); prefill chunks go to BLAS.
+KERNEL_MAX_ROWS = 48
+
+
+@dataclass
+class QuantizedTensor:
+    """A 2-D matrix ``shape = (rows, cols)`` as rows of quantized blocks ``data [rows,
+    cols / 32 * block_bytes]`` (uint8), straight from a GGUF file."""
+
+    qtype: int
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+    def narrow(self, dim: int, start: int, length: int) -> QuantizedTensor:
+        """Rows, or whole blocks of columns (tensor-parallel shards)."""
+        if dim == 0:
+            return QuantizedTensor(self.qtype, self.data.narrow(0, start, length),
+                                   (length, self.shape[1]))
+        if start % BLOCK or length % BLOCK:
+            raise ValueError(f"a column shard of a {QTYPE_NAMES[self.qtype]} matrix must "
+                             f"cover whole blocks of {BLOCK}")
+        bb = PACKED_BLOCK_BYTES[self.qtype]
+        return QuantizedTensor(self.qtype,
+                               self.data.narrow(1, start // BLOCK * bb, length // BLOCK * bb),
+                               (self.shape[0], length))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.data.contiguous().view(-1), _ggml_type(self.qtype), self.shape)
+
+
+def _ggml_type(qtype: int):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(qtype)
+
+
+def packable(qtype: int) -> bool:
+    """Can a tensor of this ggml type stay packed (a kernel reads it, and it was built)?"""
+    return qtype in PACKED_BLOCK_BYTES and kernels() is not None
+
+
+class PackedWeight:
+    """An [out_features, in_features] matrix held as quantized blocks, filled row range by
+    row range as the checkpoint's (possibly fused) parts arrive."""
+
+    def __init__(self, qtype: int, rows: int, cols: int) -> None:
+        self.qtype = qtype
+        self.shape = (rows, cols)
+        self.data = torch.empty(rows, cols // BLOCK * PACKED_BLOCK_BYTES[qtype],
+                                dtype=torch.uint8)
+
+    def copy_rows(self, offset: int, part: QuantizedTensor) -> None:
+        self.data.narrow(0, offset, part.shape[0]).copy_(part.data)
+
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return kernels().dequant(self.qtype, self.data, *self.shape, out=out)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 rows ``ids`` (an embedding lookup)."""
+        picked = self.data.index_select(0, ids.reshape(-1))
+        out = kernels().dequant(self.qtype, picked, ids.numel(), self.shape[1])
+        return out.view(*ids.shape, self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+_scratch = threading.local()
+
+
+def _decode_scratch(numel: int) -> torch.Tensor:
+    """One float32 buffer per thread, reused by every large-batch decode (one layer at
+    a time), so prefill never holds more than one decoded matrix."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def packed_linear(x: torch.Tensor, weight: PackedWeight,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for x of shape [..., in_features]; float32 math, x's dtype out."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    if x2.shape[0] <= KERNEL_MAX_ROWS:
+        y = kernels().gemm(weight.qtype, x2, weight.data, n)
+    else:
+        w = weight.dequantize(out=_decode_scratch(n * k).view(n, k))
+        y = F.linear(x2, w)
+    if bias is not None:
+        y += bias.to(torch.float32)
+    return y.to(x.dtype).view(*x.shape[:-1], n)
