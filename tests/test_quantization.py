@@ -56,7 +56,8 @@ def test_packed_linear_matches_dense(qtype, rows):
     bias = torch.randn(67)
     got = packed_linear(x, w, bias)
     want = F.linear(x, dense(t), bias)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # outputs reach ~50; float32 sums in another order differ by ~1e-5 absolute
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_packed_linear_keeps_leading_dims_and_dtype():

@@ -98,13 +98,14 @@ class ModelRunner:
                 logit_rows.append(row + q - 1)
             row += q
 
-        decode_table, decode_mask = self._decode_tables(decode_reqs)
+        decode_table, decode_mask, decode_lens = self._decode_tables(decode_reqs)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping).to(self.device),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=self.device),
             decode_block_table=decode_table,
             decode_mask=decode_mask,
+            decode_seq_lens=decode_lens,
             num_decodes=len(decode_rows),
             block_size=self.block_size,
         )
@@ -112,12 +113,13 @@ class ModelRunner:
                 torch.cat(positions).to(self.device), meta, logit_rows, sampled, sample_idx,
                 prompt_lp)
 
-    def _decode_tables(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded [n, max_blocks] block table of the decodes, and the mask of their
-        [n, 1, 1, max_blocks * block_size] gathered positions."""
+    def _decode_tables(self, reqs: list[Request]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded [n, max_blocks] block table of the decodes, the mask of their
+        [n, 1, 1, max_blocks * block_size] gathered positions, and their lengths [n]."""
         if not reqs:
             empty = torch.empty(0, 0, dtype=torch.long)
-            return empty, empty.bool()
+            return empty, empty.bool(), torch.empty(0, dtype=torch.long)
         lens = [r.num_computed_tokens + 1 for r in reqs]
         max_blocks = -(-max(lens) // self.block_size)
         table = torch.zeros(len(reqs), max_blocks, dtype=torch.long)
@@ -125,8 +127,10 @@ class ModelRunner:
             n = -(-lens[i] // self.block_size)
             table[i, :n] = torch.tensor(r.block_ids[:n], dtype=torch.long)
         width = max_blocks * self.block_size
-        mask = torch.arange(width).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-        return table.to(self.device), mask.view(len(reqs), 1, 1, width).to(self.device)
+        lens_t = torch.tensor(lens, dtype=torch.long)
+        mask = torch.arange(width).unsqueeze(0) < lens_t.unsqueeze(1)
+        return (table.to(self.device), mask.view(len(reqs), 1, 1, width).to(self.device),
+                lens_t.to(self.device))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:

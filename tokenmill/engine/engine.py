@@ -18,7 +18,7 @@ from tokenmill.engine.kv_cache import KVCacheManager
 from tokenmill.engine.model_loading import load_model
 from tokenmill.engine.request import Request, RequestStatus
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.layers.attention import TorchSDPABackend
+from tokenmill.layers.attention import attention_backend
 from tokenmill.model_runner import KVCache, ModelRunner
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -49,7 +49,8 @@ class Engine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
         self.tokenizer = self._load_tokenizer(config)
-        model, self.model_config = load_model(config, TorchSDPABackend(), show_progress)
+        model, self.model_config = load_model(config, attention_backend(config.device, config.dtype),
+                                               show_progress)
         mc, cc = self.model_config, config.cache
         per_block = mc.kv_bytes_per_token(config.dtype) * cc.block_size
         num_blocks = cc.kv_cache_memory // per_block

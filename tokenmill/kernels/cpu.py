@@ -1,4 +1,4 @@
-"""The CPU kernels of ``cpu_quant.c``: built on first use, loaded with ctypes.
+"""The CPU kernels of ``cpu_kernels.c``: built on first use, loaded with ctypes.
 
 The C file is compiled with the machine's C compiler (``$CC``, else ``cc``/``gcc``) into
 a shared library cached under ``$TOKENMILL_CACHE_DIR`` (default
@@ -28,7 +28,7 @@ import torch
 
 logger = logging.getLogger("tokenmill")
 
-_SOURCE = Path(__file__).with_name("cpu_quant.c")
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _ABI_VERSION = 1
 
@@ -54,7 +54,7 @@ def _build(cc: str, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_lib = Path(tmp) / out.name
-        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp_lib)], check=True,
+        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp_lib), "-lm"], check=True,
                        capture_output=True, text=True)
         os.replace(tmp_lib, out)  # atomic: concurrent builders never see half a file
 
@@ -67,8 +67,13 @@ class CPUKernels:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.tm_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
         lib.tm_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+        lib.tm_paged_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+                                                  i64, i64, ctypes.c_float, ptr]
         if lib.tm_abi_version() != _ABI_VERSION:
             raise RuntimeError("stale kernel library")
+        lib.tm_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
+        lib.tm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
+        lib.tm_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
         self.has_avx2 = bool(lib.tm_has_avx2())
 
     def gemm(self, qtype: int, x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
@@ -90,6 +95,47 @@ class CPUKernels:
         return out
 
 
+    def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor, block_table: torch.Tensor,
+                               seq_lens: torch.Tensor, block_size: int,
+                               scale: float) -> torch.Tensor:
+        """q [n, H, D]; caches [slots, KVH, D] (float32, contiguous); block_table
+        [n, max_blocks] and seq_lens [n] int64. Returns [n, H, D]."""
+        n, h, d = q.shape
+        out = torch.empty_like(q)
+        rc = self.lib.tm_paged_decode_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
+            block_table.shape[1], seq_lens.data_ptr(), n, h, k_cache.shape[1], d, block_size,
+            scale, out.data_ptr())
+        if rc:
+            raise RuntimeError(f"tm_paged_decode_attention failed ({rc})")
+        return out
+
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x) * weight; with ``residual``: residual += x in place, then
+        norm(residual) * weight. All float32, contiguous [T, N]."""
+        t, n = x.shape
+        out = torch.empty_like(x)
+        self.lib.tm_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                             weight.data_ptr(), t, n, eps, out.data_ptr())
+        return out
+
+    def rope_(self, x: torch.Tensor, heads: int, head_dim: int, positions: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotates, in place, the first ``heads`` heads of each row of ``x`` [T, W]
+        (row-contiguous); cos/sin tables [max_pos, head_dim / 2], positions int64 [T]."""
+        self.lib.tm_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim,
+                         positions.data_ptr(), cos.data_ptr(), sin.data_ptr())
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        t, w = x.shape
+        out = torch.empty(t, w // 2, dtype=x.dtype)
+        self.lib.tm_silu_and_mul(x.data_ptr(), t, w // 2, out.data_ptr())
+        return out
+
+
 @functools.cache
 def kernels() -> CPUKernels | None:
     """The compiled kernels, or None where they cannot be built (reason logged once)."""
@@ -104,7 +150,7 @@ def kernels() -> CPUKernels | None:
                          + _cpu_id().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TOKENMILL_CACHE_DIR",
                                 Path.home() / ".cache" / "tokenmill")) / "kernels"
-    lib_path = cache / f"cpu_quant-{key}.so"
+    lib_path = cache / f"cpu_kernels-{key}.so"
     try:
         if not lib_path.exists():
             _build(cc, lib_path)
@@ -114,3 +160,16 @@ def kernels() -> CPUKernels | None:
         logger.warning("CPU kernels unavailable (%s): quantized weights are dequantized at "
                        "load.", detail.strip().splitlines()[-1] if detail.strip() else e)
         return None
+
+
+def fused_kernels(*tensors: torch.Tensor | None) -> CPUKernels | None:
+    """The kernels, if every given tensor suits the fused C ops (2-D, contiguous, float32,
+    on the CPU); else None and the caller takes its torch path."""
+    k = kernels()
+    if k is None:
+        return None
+    for t in tensors:
+        if t is not None and not (t.dtype == torch.float32 and t.device.type == "cpu"
+                                  and t.dim() == 2 and t.is_contiguous()):
+            return None
+    return k

@@ -40,6 +40,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor       # [num_decodes] rows of the single-token requests
     decode_block_table: torch.Tensor  # [num_decodes, max_blocks] block ids (padded with 0)
     decode_mask: torch.Tensor       # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_seq_lens: torch.Tensor   # [num_decodes] int64, cached tokens incl. this one
     num_decodes: int
     block_size: int
 
@@ -85,14 +86,43 @@ class TorchSDPABackend(AttentionBackend):
                 enable_gqa=group > 1)
             out[rows] = o.transpose(0, 1)
         if meta.num_decodes:
-            n, d = meta.num_decodes, q.shape[-1]
-            qd = q[meta.decode_rows].view(n, kv_heads, group, d)
-            kd = _gather_blocks(k_cache, meta)  # [n, KVH, L, D]
-            vd = _gather_blocks(v_cache, meta)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask,
-                                               scale=scale)
-            out[meta.decode_rows] = o.reshape(n, num_heads, d)
+            out[meta.decode_rows] = self.decode(q[meta.decode_rows], k_cache, v_cache, meta,
+                                                scale)
         return out
+
+    def decode(self, q, k_cache, v_cache, meta, scale):
+        """One query per sequence, q [n, H, D] -> [n, H, D]."""
+        n, num_heads, d = q.shape
+        kv_heads = k_cache.shape[1]
+        qd = q.view(n, kv_heads, num_heads // kv_heads, d)
+        kd = _gather_blocks(k_cache, meta)  # [n, KVH, L, D]
+        vd = _gather_blocks(v_cache, meta)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        return o.reshape(n, num_heads, d)
+
+
+class CPUAttentionBackend(TorchSDPABackend):
+    """The reference backend with decodes done by a C kernel that reads the paged cache in
+    place (``tm_paged_decode_attention``): no gathered copy of the blocks, no padding to
+    the longest sequence, no mask. For float32 caches on the CPU."""
+
+    def __init__(self, kernels) -> None:
+        self.kernels = kernels
+
+    def decode(self, q, k_cache, v_cache, meta, scale):
+        return self.kernels.paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
+            meta.block_size, scale)
+
+
+def attention_backend(device: str, dtype: torch.dtype) -> AttentionBackend:
+    """The fastest backend for where the KV cache lives."""
+    if device == "cpu" and dtype == torch.float32:
+        from tokenmill.kernels.cpu import kernels
+
+        if kernels() is not None:
+            return CPUAttentionBackend(kernels())
+    return TorchSDPABackend()
 
 
 def _gather_blocks(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tokenmill.config import RopeConfig
+from tokenmill.kernels.cpu import fused_kernels
 
 
 def inverse_frequencies(rope: RopeConfig, rotary_dim: int) -> torch.Tensor:
@@ -46,6 +47,17 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_pos, d/2]
         self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def rotate_fused_(self, positions: torch.Tensor, qkv: torch.Tensor, num_heads: int,
+                      num_kv_heads: int) -> bool:
+        """Rotates the q and k heads of a fused qkv output [T, (H + 2 KVH) * D] in place
+        (one C call for both); False where the kernel does not apply."""
+        k = fused_kernels(qkv, self.cos)
+        if k is None or positions.dtype != torch.int64 or not positions.is_contiguous():
+            return False
+        k.rope_(qkv, num_heads + num_kv_heads, 2 * self.cos.shape[1], positions, self.cos,
+                self.sin)
+        return True
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions: [T]; q: [T, H, D]; k: [T, KVH, D]. Returns rotated (q, k)."""

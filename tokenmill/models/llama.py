@@ -82,13 +82,16 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        rotated = self.q_norm is None and self.rotary.rotate_fused_(
+            positions, qkv, self.num_heads, self.num_kv_heads)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if not rotated:
+            q, k = self.rotary(positions, q, k)
         o = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
         return self.o_proj(o.reshape(t, q_size))
 

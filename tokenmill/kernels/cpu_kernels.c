@@ -1,4 +1,5 @@
-/* Matrix products with weights kept in llama.cpp's block formats (Q4_0, Q4_1, Q8_0).
+/* tokenmill's CPU kernels: matrix products with weights kept in llama.cpp's block formats
+ * (Q4_0, Q4_1, Q8_0), and decode attention over the paged KV cache.
  *
  * A weight matrix [N, K] is N rows of K/32 blocks; a block holds 32 weights as small
  * integers plus fp16 scale(s):
@@ -19,6 +20,7 @@
  *       x at a time.
  *   tm_dequant(qtype, w, N, K, out[N,K]): the dense float32 matrix (large batches use
  *       it, then a BLAS GEMM).
+ *   tm_paged_decode_attention(...): see its comment at the end of the file.
  *
  * Built at run time by tokenmill/kernels/cpu.py with the machine's C compiler
  * (-O3 -march=native -fopenmp). AVX2+FMA+F16C code where the compiler targets them,
@@ -26,6 +28,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -251,4 +254,135 @@ int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) decode_row(qtype, w + n * row_bytes, K, out + n * K);
     return 0;
+}
+
+/* Decode attention straight from the paged KV cache (float32), one query token per
+ * sequence: out[s, h] = softmax(scale * q[s, h] . K_s^T) V_s over the seq_lens[s] cached
+ * positions of sequence s, found through its block table (position t lives in slot
+ * table[t / block_size] * block_size + t % block_size). Query heads h share KV head
+ * h / (H / KVH) (grouped-query attention). Parallel over (sequence, KV head); nothing is
+ * gathered or padded, so a step costs what its sequences' lengths cost. */
+int tm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                              const int64_t *block_table, int64_t max_blocks,
+                              const int64_t *seq_lens, int64_t n, int64_t H, int64_t KVH,
+                              int64_t D, int64_t block_size, float scale, float *out) {
+    if (KVH <= 0 || H % KVH) return -1;
+    const int64_t group = H / KVH;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *scores = NULL;
+        int64_t cap = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t job = 0; job < n * KVH; job++) {
+            const int64_t s = job / KVH, kvh = job % KVH, len = seq_lens[s];
+            if (len > cap) {
+                free(scores);
+                cap = len;
+                scores = (float *)malloc((size_t)(cap * group) * sizeof(float));
+            }
+            if (!scores) {
+#pragma omp atomic write
+                failed = 1;
+                cap = 0;
+                continue;
+            }
+            const int64_t *table = block_table + s * max_blocks;
+            const float *qs = q + (s * H + kvh * group) * D;
+            float *os = out + (s * H + kvh * group) * D;
+            for (int64_t t = 0; t < len; t++) {
+                const int64_t slot = table[t / block_size] * block_size + t % block_size;
+                const float *kv = k_cache + (slot * KVH + kvh) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const float *qh = qs + g * D;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t d = 0; d < D; d++) dot += qh[d] * kv[d];
+                    scores[g * len + t] = dot * scale;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *sc = scores + g * len, mx = sc[0], sum = 0.0f;
+                for (int64_t t = 1; t < len; t++) mx = sc[t] > mx ? sc[t] : mx;
+                for (int64_t t = 0; t < len; t++) {
+                    sc[t] = expf(sc[t] - mx);
+                    sum += sc[t];
+                }
+                const float inv = 1.0f / sum;
+                for (int64_t t = 0; t < len; t++) sc[t] *= inv;
+            }
+            memset(os, 0, (size_t)(group * D) * sizeof(float));
+            for (int64_t t = 0; t < len; t++) {
+                const int64_t slot = table[t / block_size] * block_size + t % block_size;
+                const float *vv = v_cache + (slot * KVH + kvh) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = scores[g * len + t];
+                    float *o = os + g * D;
+#pragma omp simd
+                    for (int64_t d = 0; d < D; d++) o[d] += p * vv[d];
+                }
+            }
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}
+
+/* ---- Small fused element-wise ops of a decoder layer (float32, rows of a flat batch).
+ * Each replaces 3-8 separate torch ops, which at batch 1 cost more in dispatch than in
+ * arithmetic. ---- */
+
+/* RMSNorm, optionally after the residual add: with residual != NULL, residual += x (in
+ * place) and out = norm(residual) * w; else out = norm(x) * w.
+ * norm(v) = v / sqrt(mean(v^2) + eps). */
+void tm_rms_norm(const float *x, float *residual, const float *w, int64_t T, int64_t N,
+                 float eps, float *out) {
+#pragma omp parallel for schedule(static) if (T > 4)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * N;
+        float *src = (float *)xr;
+        if (residual) {
+            src = residual + t * N;
+#pragma omp simd
+            for (int64_t i = 0; i < N; i++) src[i] += xr[i];
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < N; i++) ss += src[i] * src[i];
+        const float r = 1.0f / sqrtf(ss / (float)N + eps);
+        float *o = out + t * N;
+#pragma omp simd
+        for (int64_t i = 0; i < N; i++) o[i] = w[i] * (src[i] * r);
+    }
+}
+
+/* Rotary embedding in place, rotate-half layout: for each of the first `heads` heads
+ * (D wide) of row t of x (rows `row_stride` apart), dims (i, i + D/2) are rotated by the
+ * angle whose cos/sin are cos_table[pos[t] * D/2 + i], sin_table[...]. */
+void tm_rope(float *x, int64_t T, int64_t row_stride, int64_t heads, int64_t D,
+             const int64_t *pos, const float *cos_table, const float *sin_table) {
+    const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) if (T > 4)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_table + pos[t] * half, *s = sin_table + pos[t] * half;
+        for (int64_t h = 0; h < heads; h++) {
+            float *a = x + t * row_stride + h * D, *b = a + half;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = a[i], x2 = b[i];
+                a[i] = x1 * c[i] - x2 * s[i];
+                b[i] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    }
+}
+
+/* out[t, i] = silu(x[t, i]) * x[t, I + i] for x = [gate | up] of width 2I. */
+void tm_silu_and_mul(const float *x, int64_t T, int64_t I, float *out) {
+#pragma omp parallel for schedule(static) if (T > 4)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = x + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
 }
