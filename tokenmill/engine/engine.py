@@ -49,8 +49,8 @@ class Engine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
         self.tokenizer = self._load_tokenizer(config)
-        model, self.model_config = load_model(config, attention_backend(config.device, config.dtype),
-                                               show_progress)
+        backend = attention_backend(config.device, config.dtype)
+        model, self.model_config = load_model(config, backend, show_progress)
         mc, cc = self.model_config, config.cache
         per_block = mc.kv_bytes_per_token(config.dtype) * cc.block_size
         num_blocks = cc.kv_cache_memory // per_block
