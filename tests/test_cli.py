@@ -20,10 +20,10 @@ def tokenmill(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
 
 
 def test_generate_streams_text_and_logs_the_kv_cache():
-    r = tokenmill("generate", "What is the capital of France?", "--chat",
+    r = tokenmill("generate", "What is the capital of Germany?", "--chat",
                   "--temperature", "0", "--max-tokens", "24", "--kv-cache-memory", "128MiB")
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
+    assert "Berlin" in r.stdout
     assert "KV cache:" in r.stderr and "requests of full context" in r.stderr
 
 

@@ -30,7 +30,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 
 
 def _cpu_id() -> str:
@@ -67,6 +67,7 @@ class CPUKernels:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.tm_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
         lib.tm_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+        lib.tm_round_activations.argtypes = [ptr, i64, i64, ptr]
         lib.tm_paged_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                                   i64, i64, ctypes.c_float, ptr]
         if lib.tm_abi_version() != _ABI_VERSION:
@@ -77,13 +78,21 @@ class CPUKernels:
         self.has_avx2 = bool(lib.tm_has_avx2())
 
     def gemm(self, qtype: int, x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
-        """``x [M, K]`` float32 contiguous, ``w`` packed blocks of an [n, K] matrix."""
+        """``x [M, K]`` float32 contiguous, ``w`` packed blocks of an [n, K] matrix; x is
+        rounded to 8 bits per block of 32 on the way (see cpu_kernels.c)."""
         m, k = x.shape
         y = torch.empty(m, n, dtype=torch.float32)
         rc = self.lib.tm_gemm(qtype, x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())
         if rc:
             raise RuntimeError(f"tm_gemm failed ({rc}) for type {qtype}, K={k}")
         return y
+
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] rounded to 8 bits per block of 32, exactly as ``gemm`` rounds it."""
+        out = torch.empty_like(x)
+        if self.lib.tm_round_activations(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr()):
+            raise RuntimeError("tm_round_activations needs K % 32 == 0")
+        return out
 
     def dequant(self, qtype: int, w: torch.Tensor, n: int, k: int,
                 out: torch.Tensor | None = None) -> torch.Tensor:

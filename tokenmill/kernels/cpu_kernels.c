@@ -8,16 +8,14 @@
  *   Q8_0  34 bytes: d, 32 signed bytes;              w = d * q
  * Nibble j of a Q4 block (low half of byte j) is weight j, the high half weight j + 16.
  *
- * The activations stay float32 and each weight is decoded to the same float32 value the
- * torch dequantizer produces, so the products differ from "dequantize, then F.linear"
- * only in summation order. Decoding happens in registers, block by block: a decode
- * step (batch of one row) reads 0.56-1.06 bytes per weight instead of 4, and on a CPU
- * that is what bounds its speed.
+ * The weights are used exactly as stored. The activations are rounded to 8 bits per
+ * block of 32 (one float scale each), so a block's product is an exact integer dot
+ * product of 32 byte pairs plus two float multiply-adds. A decode step (one row) reads
+ * 0.56-1.06 bytes per weight instead of 4, and on a CPU that is what bounds its speed.
  *
  *   tm_gemm(qtype, x[M,K], w, N, y[M,N]):  y = x @ W^T, parallel over output rows (OpenMP,
- *       sharing the runtime torch loaded). M = 1 decodes and multiplies in registers;
- *       M > 1 decodes each weight row once into an L1 buffer and reuses it for 4 rows of
- *       x at a time.
+ *       sharing the runtime torch loaded), 4 activation rows per pass over a weight row.
+ *   tm_round_activations(x[M,K], out): x rounded as tm_gemm rounds it (for tests).
  *   tm_dequant(qtype, w, N, K, out[N,K]): the dense float32 matrix (large batches use
  *       it, then a BLAS GEMM).
  *   tm_paged_decode_attention(...): see its comment at the end of the file.
@@ -38,12 +36,14 @@
 #define TM_AVX2 0
 #endif
 
+#define TM_INLINE static inline __attribute__((always_inline))
+
 enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
 
-int tm_abi_version(void) { return 1; }
+int tm_abi_version(void) { return 2; }
 int tm_has_avx2(void) { return TM_AVX2; }
 
-static int block_bytes(int qtype) {
+TM_INLINE int block_bytes(int qtype) {
     switch (qtype) {
     case TM_Q4_0: return 18;
     case TM_Q4_1: return 20;
@@ -85,14 +85,14 @@ static uint16_t load_u16(const uint8_t *p) {
 
 /* Scale and offset of a block: w = scale * q + offset, q as stored (unsigned nibble or
  * signed byte). */
-static void block_affine(int qtype, const uint8_t *b, float *scale, float *offset) {
+TM_INLINE void block_affine(int qtype, const uint8_t *b, float *scale, float *offset) {
     float d = f16_to_f32(load_u16(b));
     *scale = d;
     *offset = qtype == TM_Q4_1 ? f16_to_f32(load_u16(b + 2)) : qtype == TM_Q4_0 ? -8.0f * d : 0.0f;
 }
 
 /* Portable decode of one block into 32 floats. */
-static void decode_block_scalar(int qtype, const uint8_t *b, float *out) {
+TM_INLINE void decode_block_scalar(int qtype, const uint8_t *b, float *out) {
     float s, o;
     block_affine(qtype, b, &s, &o);
     if (qtype == TM_Q8_0) {
@@ -109,7 +109,7 @@ static void decode_block_scalar(int qtype, const uint8_t *b, float *out) {
 
 #if TM_AVX2
 /* One block -> four vectors of 8 floats (weights 0-7, 8-15, 16-23, 24-31). */
-static inline void decode_block_avx2(int qtype, const uint8_t *b, __m256 w[4]) {
+TM_INLINE void decode_block_avx2(int qtype, const uint8_t *b, __m256 w[4]) {
     float s, o;
     block_affine(qtype, b, &s, &o);
     const __m256 vs = _mm256_set1_ps(s), vo = _mm256_set1_ps(o);
@@ -139,7 +139,7 @@ static inline float hsum(__m256 v) {
 #endif
 
 /* Decode a whole row of K weights into float32. */
-static void decode_row(int qtype, const uint8_t *row, int64_t K, float *out) {
+TM_INLINE void decode_row(int qtype, const uint8_t *row, int64_t K, float *out) {
     const int bb = block_bytes(qtype);
     for (int64_t k = 0; k < K; k += 32, row += bb) {
 #if TM_AVX2
@@ -152,108 +152,195 @@ static void decode_row(int qtype, const uint8_t *row, int64_t K, float *out) {
     }
 }
 
-/* One weight row times one activation row, decoding in registers. */
-static float dot_row(int qtype, const uint8_t *row, const float *x, int64_t K) {
+/* ---- Activations rounded to 8 bits per block of 32 (as llama.cpp does) ----
+ * For block b of an activation row: dx = max|x| / 127, y = round(x / dx) in [-127, 127],
+ * and sy = dx * sum(y). A weight block (scale d, offset m) then contributes
+ *     sum_j (d q_j + m)(dx y_j) = d dx sum_j q_j y_j + m sy,
+ * where sum_j q_j y_j is an exact integer product (vpmaddubsw/vpmaddwd: 32 multiply-adds in
+ * two instructions). Weights stay exactly as stored; only the activations are rounded. */
+
+TM_INLINE void quantize_act_row(const float *x, int64_t K, int8_t *y, float *dx, float *sy) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        const float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) {
+            const int q = (int)nearbyintf(xb[j] * id);
+            y[b * 32 + j] = (int8_t)q;
+            sum += q;
+        }
+        dx[b] = d;
+        sy[b] = d * (float)sum;
+    }
+}
+
+#if TM_AVX2
+/* The 32 integer weights of a block as bytes (unsigned nibbles, or signed for Q8_0). */
+TM_INLINE __m256i block_ints(int qtype, const uint8_t *b) {
+    if (qtype == TM_Q8_0) return _mm256_loadu_si256((const __m256i *)(b + 2));
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (qtype == TM_Q4_1 ? 4 : 2)));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+/* sum_j q_j y_j of one block, as 8 int32 partial sums converted to float. */
+TM_INLINE __m256 block_int_dot(int qtype, __m256i q, const int8_t *y) {
+    const __m256i yv = _mm256_loadu_si256((const __m256i *)y);
+    __m256i p16;
+    if (qtype == TM_Q8_0)  /* signed x signed: move q's sign onto y */
+        p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(yv, q));
+    else
+        p16 = _mm256_maddubs_epi16(q, yv);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+#endif
+
+#if TM_AVX2
+/* Block b of one weight row against block b of ROWS activation rows. */
+TM_INLINE void block_step(int qtype, int ROWS, const uint8_t *blk, int64_t b, const int8_t *y,
+                          const float *dx, const float *sy, int64_t K, __m256 *acc, float *off) {
+    float d, m;
+    block_affine(qtype, blk, &d, &m);
+    const __m256i q = block_ints(qtype, blk);
+    for (int r = 0; r < ROWS; r++) {
+        const int64_t i = r * (K / 32) + b;
+        const __m256 p = block_int_dot(qtype, q, y + i * 32);
+        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[i]), p, acc[r]);
+        off[r] += m * sy[i];
+    }
+}
+#endif
+
+/* y[m, n] for ROWS consecutive activation rows (ROWS is a constant in each inlined copy).
+ * Every row accumulates its blocks in the same order whatever ROWS is (two accumulators,
+ * even and odd blocks, then the offsets), so a result never depends on the batch. */
+TM_INLINE void dot_tile(int qtype, int ROWS, const uint8_t *row, int64_t nb, const int8_t *y,
+                        const float *dx, const float *sy, int64_t K, float *out, int64_t ldo) {
     const int bb = block_bytes(qtype);
+    float off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if TM_AVX2
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
-    for (int64_t k = 0; k < K; k += 32, row += bb) {
-        __m256 w[4];
-        decode_block_avx2(qtype, row, w);
-        for (int i = 0; i < 4; i++)
-            acc[i] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + k + 8 * i), acc[i]);
+    __m256 even[4], odd[4];
+    float off_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {  /* two independent chains hide the FMA latency */
+        block_step(qtype, ROWS, row + b * bb, b, y, dx, sy, K, even, off);
+        block_step(qtype, ROWS, row + (b + 1) * bb, b + 1, y, dx, sy, K, odd, off_odd);
     }
-    return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    if (b < nb) block_step(qtype, ROWS, row + b * bb, b, y, dx, sy, K, even, off);
+    for (int r = 0; r < ROWS; r++)
+        out[r * ldo] = hsum(_mm256_add_ps(even[r], odd[r])) + (off[r] + off_odd[r]);
 #else
-    float w[32], acc = 0.0f;
-    for (int64_t k = 0; k < K; k += 32, row += bb) {
-        decode_block_scalar(qtype, row, w);
-        for (int j = 0; j < 32; j++) acc += w[j] * x[k + j];
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        float d, m;
+        block_affine(qtype, blk, &d, &m);
+        int q[32];
+        if (qtype == TM_Q8_0) {
+            for (int j = 0; j < 32; j++) q[j] = ((const int8_t *)(blk + 2))[j];
+        } else {
+            const uint8_t *qs = blk + (qtype == TM_Q4_1 ? 4 : 2);
+            for (int j = 0; j < 16; j++) { q[j] = qs[j] & 0x0F; q[j + 16] = qs[j] >> 4; }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            const int64_t i = r * (K / 32) + b;
+            int dot = 0;
+            for (int j = 0; j < 32; j++) dot += q[j] * y[i * 32 + j];
+            acc[r] += d * dx[i] * (float)dot;
+            off[r] += m * sy[i];
+        }
     }
-    return acc;
+    for (int r = 0; r < ROWS; r++) out[r * ldo] = acc[r] + off[r];
 #endif
 }
 
-/* A decoded weight row (float32) times up to 4 activation rows: y[r * ldy] = w . x_r. */
-static void dot_decoded(const float *w, const float *x, int64_t K, int rows, float *y,
-                        int64_t ldy) {
-#if TM_AVX2
-    if (rows == 4) {
-        const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t k = 0; k < K; k += 8) {
-            __m256 wv = _mm256_loadu_ps(w + k);
-            a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + k), a0);
-            a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + k), a1);
-            a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + k), a2);
-            a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x3 + k), a3);
-        }
-        y[0] = hsum(a0);
-        y[ldy] = hsum(a1);
-        y[2 * ldy] = hsum(a2);
-        y[3 * ldy] = hsum(a3);
-        return;
-    }
-    for (int r = 0; r < rows; r++) {
-        const float *xr = x + r * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-        for (int64_t k = 0; k < K; k += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(xr + k), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(xr + k + 8), a1);
-        }
-        y[r * ldy] = hsum(_mm256_add_ps(a0, a1));
-    }
-#else
-    for (int r = 0; r < rows; r++) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < K; k++) acc += w[k] * x[r * K + k];
-        y[r * ldy] = acc;
-    }
-#endif
-}
-
-/* y[M, N] = x[M, K] @ W[N, K]^T. Returns 0, or -1 for an unknown type or K % 32 != 0. */
-int tm_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
-            float *y) {
+/* y[M, N] = x[M, K] @ W[N, K]^T with x rounded as above. Returns 0, or -1 for an unknown
+ * type or K % 32 != 0, -2 when out of memory. */
+TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w,
+                        int64_t N, float *y) {
     const int bb = block_bytes(qtype);
     if (!bb || K % 32) return -1;
-    const int64_t row_bytes = K / 32 * bb;
-    if (M == 1) {
-#pragma omp parallel for schedule(static)
-        for (int64_t n = 0; n < N; n++) y[n] = dot_row(qtype, w + n * row_bytes, x, K);
-        return 0;
+    const int64_t nb = K / 32, row_bytes = nb * bb;
+    int8_t *yq = (int8_t *)malloc((size_t)(M * K));
+    float *dx = (float *)malloc((size_t)(M * nb) * sizeof(float));
+    float *sy = (float *)malloc((size_t)(M * nb) * sizeof(float));
+    if (!yq || !dx || !sy) {
+        free(yq), free(dx), free(sy);
+        return -2;
     }
-    int failed = 0;
 #pragma omp parallel
     {
-        float *buf = (float *)malloc((size_t)K * sizeof(float));
-        if (!buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            quantize_act_row(x + m * K, K, yq + m * K, dx + m * nb, sy + m * nb);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            if (!buf) continue;
-            decode_row(qtype, w + n * row_bytes, K, buf);
-            for (int64_t m = 0; m < M; m += 4) {
-                int rows = M - m < 4 ? (int)(M - m) : 4;
-                dot_decoded(buf, x + m * K, K, rows, y + m * N + n, N);
-            }
+            const uint8_t *row = w + n * row_bytes;
+            int64_t m = 0;
+            for (; m + 4 <= M; m += 4)
+                dot_tile(qtype, 4, row, nb, yq + m * K, dx + m * nb, sy + m * nb, K, y + m * N + n, N);
+            for (; m < M; m++)
+                dot_tile(qtype, 1, row, nb, yq + m * K, dx + m * nb, sy + m * nb, K, y + m * N + n, N);
         }
-        free(buf);
     }
-    return failed ? -2 : 0;
+    free(yq), free(dx), free(sy);
+    return 0;
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T. One inlined copy per type, so the block decoding has
+ * constant offsets and no branches. */
+int tm_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
+            float *y) {
+    switch (qtype) {
+    case TM_Q4_0: return gemm_impl(TM_Q4_0, x, M, K, w, N, y);
+    case TM_Q4_1: return gemm_impl(TM_Q4_1, x, M, K, w, N, y);
+    case TM_Q8_0: return gemm_impl(TM_Q8_0, x, M, K, w, N, y);
+    default: return -1;
+    }
+}
+
+/* x rounded to 8 bits per block exactly as tm_gemm rounds it, back in float32: the
+ * reference the tests compare tm_gemm against (dequantized W times this). */
+int tm_round_activations(const float *x, int64_t M, int64_t K, float *out) {
+    if (K % 32) return -1;
+    const int64_t nb = K / 32;
+#pragma omp parallel
+    {
+        int8_t yq[32];
+        float dx, sy;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < M * nb; i++) {
+            quantize_act_row(x + i * 32, 32, yq, &dx, &sy);
+            for (int j = 0; j < 32; j++) out[i * 32 + j] = dx * (float)yq[j];
+        }
+    }
+    return 0;
 }
 
 /* out[N, K] = W as float32. */
-int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
+TM_INLINE int dequant_impl(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
     const int bb = block_bytes(qtype);
     if (!bb || K % 32) return -1;
     const int64_t row_bytes = K / 32 * bb;
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) decode_row(qtype, w + n * row_bytes, K, out + n * K);
     return 0;
+}
+
+int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
+    switch (qtype) {
+    case TM_Q4_0: return dequant_impl(TM_Q4_0, w, N, K, out);
+    case TM_Q4_1: return dequant_impl(TM_Q4_1, w, N, K, out);
+    case TM_Q8_0: return dequant_impl(TM_Q8_0, w, N, K, out);
+    default: return -1;
+    }
 }
 
 /* Decode attention straight from the paged KV cache (float32), one query token per

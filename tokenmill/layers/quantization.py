@@ -3,26 +3,23 @@
 A GGUF checkpoint stores most matrices as Q4_0, Q4_1 or Q8_0 blocks of 32 weights
 (0.56-1.06 bytes per weight instead of 4 for float32). ``QuantizedTensor`` carries such a
 matrix from the loader to the layers unchanged; ``PackedWeight`` is what a linear layer
-or the embedding holds after loading; ``packed_linear`` multiplies by it:
+or the embedding holds after loading; ``packed_linear`` multiplies by it with the C
+kernel ``tm_gemm``, which reads the compressed bytes once per step. A CPU decode step is
+bound by how many weight bytes it reads, so this is the main speed-up of the CPU path.
 
-* few rows (decodes, the sampled rows of the LM head): the C kernel decodes blocks in
-  registers, so each step reads the compressed bytes once. A CPU decode step is bound by
-  how many weight bytes it reads; this is the main speed-up of the CPU path;
-* many rows (prefill chunks): decode the matrix to float32 once into a scratch buffer
-  and hand it to the BLAS GEMM, which is compute-bound there and blocks far better than
-  a hand-written loop.
-
-The decoded weights are exactly the values ``gguf_dequant`` produces, so the packed path
-computes the same products as the dense path, only summed in another order.
+Numerics (llama.cpp's): the weights are used exactly as stored, the activations are
+rounded to 8 bits per block of 32 (one float scale per block), so each block's product
+is an exact integer dot product. Every batch size, prefill and decode alike, takes the
+same path with the same summation order, so a request's tokens never depend on what it
+is batched with. ``--quantization none`` dequantizes at load and runs float32 instead
+(the path that matches transformers to float rounding).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tokenmill.kernels.cpu import kernels
 from tokenmill.loader.gguf_dequant import dequantize
@@ -31,9 +28,6 @@ from tokenmill.loader.gguf_dequant import dequantize
 PACKED_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0
 QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 BLOCK = 32
-# At or below this many rows the fused kernel beats decode-then-GEMM on the test CPU
-# (`python bench/packed_linear.py` prints the crossover); prefill chunks go to BLAS.
-KERNEL_MAX_ROWS = 48
 
 
 @dataclass
@@ -100,28 +94,12 @@ class PackedWeight:
         return self.data.numel()
 
 
-_scratch = threading.local()
-
-
-def _decode_scratch(numel: int) -> torch.Tensor:
-    """One float32 buffer per thread, reused by every large-batch decode (one layer at
-    a time), so prefill never holds more than one decoded matrix."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
-
-
 def packed_linear(x: torch.Tensor, weight: PackedWeight,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for x of shape [..., in_features]; float32 math, x's dtype out."""
     n, k = weight.shape
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    if x2.shape[0] <= KERNEL_MAX_ROWS:
-        y = kernels().gemm(weight.qtype, x2, weight.data, n)
-    else:
-        w = weight.dequantize(out=_decode_scratch(n * k).view(n, k))
-        y = F.linear(x2, w)
+    y = kernels().gemm(weight.qtype, x2, weight.data, n)
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).view(*x.shape[:-1], n)
