@@ -149,7 +149,8 @@ def test_packed_weights_stay_close_to_the_dense_path(llm, dense_llm):
     for p, d in zip(packed_out, dense_out, strict=True):
         tp, td = p.outputs[0].token_ids, d.outputs[0].token_ids
         lp, ld = p.outputs[0].logprobs, d.outputs[0].logprobs
-        first = next((i for i, (a, b) in enumerate(zip(tp, td)) if a != b), len(tp))
+        first = next((i for i, (a, b) in enumerate(zip(tp, td, strict=True)) if a != b),
+                     len(tp))
         agreed += first
         for i in range(first):
             assert abs(lp[i][tp[i]].logprob - ld[i][td[i]].logprob) < 0.5

@@ -12,6 +12,7 @@ from tokenmill.kernels.cpu import kernels
 from tokenmill.layers import quantization
 from tokenmill.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
 from tokenmill.layers.quantization import (
+    KERNEL_MAX_ROWS,
     PACKED_BLOCK_BYTES,
     PackedWeight,
     QuantizedTensor,
@@ -39,14 +40,20 @@ def dense(t: QuantizedTensor) -> torch.Tensor:
     return dequantize(t.data.reshape(-1), GGMLQuantizationType(t.qtype), t.shape)
 
 
+def packed(t: QuantizedTensor) -> PackedWeight:
+    w = PackedWeight(t.qtype, *t.shape)
+    w.copy_rows(0, t)
+    return w
+
+
 @pytest.mark.parametrize("qtype", [2, 3, 8])
 def test_dequant_kernel_is_bit_exact(qtype):
     t = random_blocks(qtype, 37, 96)
-    assert torch.equal(kernels().dequant(qtype, t.data, 37, 96), dense(t))
+    assert torch.equal(packed(t).dequantize(), dense(t))
 
 
 @pytest.mark.parametrize("qtype", [2, 3, 8])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 130])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1, 130])
 def test_packed_linear_matches_dense(qtype, rows):
     """Exact weights times activations rounded per block: the float32 reference is the
     dequantized matrix times the rounded activations."""
@@ -66,8 +73,8 @@ def test_packed_linear_matches_dense(qtype, rows):
 
 @pytest.mark.parametrize("qtype", [2, 3, 8])
 def test_rows_do_not_depend_on_the_batch(qtype):
-    """Row i of a batch is bit-identical to row i computed alone (tiles of 4 and the
-    remainder rows sum in the same order)."""
+    """In the kernel, row i of a batch is bit-identical to row i computed alone (tiles of
+    4 and the remainder rows sum in the same order)."""
     t = random_blocks(qtype, 33, 96, seed=5)
     w = PackedWeight(qtype, 33, 96)
     w.copy_rows(0, t)

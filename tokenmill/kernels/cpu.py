@@ -30,7 +30,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 
 def _cpu_id() -> str:
@@ -78,8 +78,9 @@ class CPUKernels:
         self.has_avx2 = bool(lib.tm_has_avx2())
 
     def gemm(self, qtype: int, x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
-        """``x [M, K]`` float32 contiguous, ``w`` packed blocks of an [n, K] matrix; x is
-        rounded to 8 bits per block of 32 on the way (see cpu_kernels.c)."""
+        """``x [M, K]`` float32 contiguous, ``w`` an [n, K] matrix in the regrouped row
+        layout (``PackedWeight``); x is rounded to 8 bits per block of 32 on the way
+        (see cpu_kernels.c)."""
         m, k = x.shape
         y = torch.empty(m, n, dtype=torch.float32)
         rc = self.lib.tm_gemm(qtype, x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())

@@ -3,30 +3,35 @@
  *
  * A weight matrix [N, K] is N rows of K/32 blocks; a block holds 32 weights as small
  * integers plus fp16 scale(s):
- *   Q4_0  18 bytes: d, 16 bytes of nibbles;          w = d * (q - 8)
- *   Q4_1  20 bytes: d, m, 16 bytes of nibbles;       w = d * q + m
- *   Q8_0  34 bytes: d, 32 signed bytes;              w = d * q
+ *   Q4_0  d, 16 bytes of nibbles;          w = d * (q - 8)
+ *   Q4_1  d, m, 16 bytes of nibbles;       w = d * q + m
+ *   Q8_0  d, 32 signed bytes;              w = d * q
  * Nibble j of a Q4 block (low half of byte j) is weight j, the high half weight j + 16.
+ * GGUF stores each block's scales next to its integers; the loader regroups each row as
+ *   [integers of all its blocks][d of all its blocks][m of all its blocks (Q4_1)]
+ * (same bytes, same size), so the kernel loads the scales of 8 blocks with one
+ * instruction instead of converting two fp16 numbers per block.
  *
  * The weights are used exactly as stored. The activations are rounded to 8 bits per
- * block of 32 (one float scale each), so a block's product is an exact integer dot
- * product of 32 byte pairs plus two float multiply-adds. A decode step (one row) reads
- * 0.56-1.06 bytes per weight instead of 4, and on a CPU that is what bounds its speed.
+ * block of 32 (one float scale each, as llama.cpp does), so a block's product is an
+ * exact integer dot product of 32 byte pairs (vpmaddubsw + vpmaddwd). A decode step (one
+ * row) reads 0.56-1.06 bytes per weight instead of 4, and on a CPU that is what bounds
+ * its speed.
  *
  *   tm_gemm(qtype, x[M,K], w, N, y[M,N]):  y = x @ W^T, parallel over output rows (OpenMP,
  *       sharing the runtime torch loaded), 4 activation rows per pass over a weight row.
- *   tm_round_activations(x[M,K], out): x rounded as tm_gemm rounds it (for tests).
- *   tm_dequant(qtype, w, N, K, out[N,K]): the dense float32 matrix (large batches use
- *       it, then a BLAS GEMM).
- *   tm_paged_decode_attention(...): see its comment at the end of the file.
+ *   tm_round_activations(x[M,K], out): x rounded as tm_gemm rounds it (large batches
+ *       multiply it by the decoded matrix with BLAS; tests use it as the reference).
+ *   tm_dequant(qtype, w, N, K, out[N,K]): the weights as float32.
+ *   tm_paged_decode_attention(...), fused element-wise ops: see their comments below.
  *
  * Built at run time by tokenmill/kernels/cpu.py with the machine's C compiler
  * (-O3 -march=native -fopenmp). AVX2+FMA+F16C code where the compiler targets them,
  * portable C otherwise.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <math.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -40,7 +45,7 @@
 
 enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
 
-int tm_abi_version(void) { return 2; }
+int tm_abi_version(void) { return 3; }
 int tm_has_avx2(void) { return TM_AVX2; }
 
 TM_INLINE int block_bytes(int qtype) {
@@ -51,6 +56,9 @@ TM_INLINE int block_bytes(int qtype) {
     default: return 0;
     }
 }
+
+/* Bytes of integers per block. */
+TM_INLINE int int_bytes(int qtype) { return qtype == TM_Q8_0 ? 32 : 16; }
 
 static float f16_to_f32(uint16_t h) {
 #if TM_AVX2
@@ -77,88 +85,57 @@ static float f16_to_f32(uint16_t h) {
 #endif
 }
 
-static uint16_t load_u16(const uint8_t *p) {
-    uint16_t v;
-    memcpy(&v, p, 2);
-    return v;
+/* A regrouped weight row of nb blocks. */
+typedef struct {
+    const uint8_t *ints;   /* nb * int_bytes */
+    const uint16_t *d;     /* nb fp16 scales */
+    const uint16_t *m;     /* nb fp16 offsets (Q4_1) */
+} wrow;
+
+TM_INLINE wrow row_at(int qtype, const uint8_t *w, int64_t n, int64_t nb) {
+    const uint8_t *row = w + n * nb * block_bytes(qtype);
+    wrow r;
+    r.ints = row;
+    r.d = (const uint16_t *)(row + nb * int_bytes(qtype));
+    r.m = r.d + nb;
+    return r;
 }
 
-/* Scale and offset of a block: w = scale * q + offset, q as stored (unsigned nibble or
- * signed byte). */
-TM_INLINE void block_affine(int qtype, const uint8_t *b, float *scale, float *offset) {
-    float d = f16_to_f32(load_u16(b));
+/* Scale and offset of block b: w = scale * q + offset, q as stored. */
+TM_INLINE void block_affine(int qtype, wrow r, int64_t b, float *scale, float *offset) {
+    const float d = f16_to_f32(r.d[b]);
     *scale = d;
-    *offset = qtype == TM_Q4_1 ? f16_to_f32(load_u16(b + 2)) : qtype == TM_Q4_0 ? -8.0f * d : 0.0f;
+    *offset = qtype == TM_Q4_1 ? f16_to_f32(r.m[b]) : qtype == TM_Q4_0 ? -8.0f * d : 0.0f;
 }
 
-/* Portable decode of one block into 32 floats. */
-TM_INLINE void decode_block_scalar(int qtype, const uint8_t *b, float *out) {
-    float s, o;
-    block_affine(qtype, b, &s, &o);
+/* The 32 integers of block b as ints. */
+TM_INLINE void block_ints_scalar(int qtype, wrow r, int64_t b, int q[32]) {
+    const uint8_t *p = r.ints + b * int_bytes(qtype);
     if (qtype == TM_Q8_0) {
-        const int8_t *q = (const int8_t *)(b + 2);
-        for (int j = 0; j < 32; j++) out[j] = (float)q[j] * s;
+        for (int j = 0; j < 32; j++) q[j] = ((const int8_t *)p)[j];
         return;
     }
-    const uint8_t *q = b + (qtype == TM_Q4_1 ? 4 : 2);
     for (int j = 0; j < 16; j++) {
-        out[j] = (float)(q[j] & 0x0F) * s + o;
-        out[j + 16] = (float)(q[j] >> 4) * s + o;
+        q[j] = p[j] & 0x0F;
+        q[j + 16] = p[j] >> 4;
     }
 }
 
-#if TM_AVX2
-/* One block -> four vectors of 8 floats (weights 0-7, 8-15, 16-23, 24-31). */
-TM_INLINE void decode_block_avx2(int qtype, const uint8_t *b, __m256 w[4]) {
-    float s, o;
-    block_affine(qtype, b, &s, &o);
-    const __m256 vs = _mm256_set1_ps(s), vo = _mm256_set1_ps(o);
-    if (qtype == TM_Q8_0) {
-        const uint8_t *q = b + 2;
-        for (int i = 0; i < 4; i++) {
-            __m128i raw = _mm_loadl_epi64((const __m128i *)(q + 8 * i));
-            w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), vs);
-        }
-        return;
-    }
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i raw = _mm_loadu_si128((const __m128i *)(b + (qtype == TM_Q4_1 ? 4 : 2)));
-    __m128i lo = _mm_and_si128(raw, mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int i = 0; i < 4; i++)
-        w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), vs, vo);
-}
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
-
-/* Decode a whole row of K weights into float32. */
-TM_INLINE void decode_row(int qtype, const uint8_t *row, int64_t K, float *out) {
-    const int bb = block_bytes(qtype);
-    for (int64_t k = 0; k < K; k += 32, row += bb) {
-#if TM_AVX2
-        __m256 w[4];
-        decode_block_avx2(qtype, row, w);
-        for (int i = 0; i < 4; i++) _mm256_storeu_ps(out + k + 8 * i, w[i]);
-#else
-        decode_block_scalar(qtype, row, out + k);
-#endif
+/* Row n of W as float32. */
+TM_INLINE void decode_row(int qtype, wrow r, int64_t nb, float *out) {
+    for (int64_t b = 0; b < nb; b++) {
+        float s, o;
+        int q[32];
+        block_affine(qtype, r, b, &s, &o);
+        block_ints_scalar(qtype, r, b, q);
+        for (int j = 0; j < 32; j++) out[b * 32 + j] = (float)q[j] * s + o;
     }
 }
 
-/* ---- Activations rounded to 8 bits per block of 32 (as llama.cpp does) ----
+/* ---- Activations rounded to 8 bits per block of 32 ----
  * For block b of an activation row: dx = max|x| / 127, y = round(x / dx) in [-127, 127],
  * and sy = dx * sum(y). A weight block (scale d, offset m) then contributes
- *     sum_j (d q_j + m)(dx y_j) = d dx sum_j q_j y_j + m sy,
- * where sum_j q_j y_j is an exact integer product (vpmaddubsw/vpmaddwd: 32 multiply-adds in
- * two instructions). Weights stay exactly as stored; only the activations are rounded. */
-
+ *     sum_j (d q_j + m)(dx y_j) = (d dx) sum_j q_j y_j + m sy. */
 TM_INLINE void quantize_act_row(const float *x, int64_t K, int8_t *y, float *dx, float *sy) {
     for (int64_t b = 0; b < K / 32; b++) {
         const float *xb = x + b * 32;
@@ -180,10 +157,17 @@ TM_INLINE void quantize_act_row(const float *x, int64_t K, int8_t *y, float *dx,
 }
 
 #if TM_AVX2
-/* The 32 integer weights of a block as bytes (unsigned nibbles, or signed for Q8_0). */
-TM_INLINE __m256i block_ints(int qtype, const uint8_t *b) {
-    if (qtype == TM_Q8_0) return _mm256_loadu_si256((const __m256i *)(b + 2));
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(b + (qtype == TM_Q4_1 ? 4 : 2)));
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The 32 integers of block b as bytes (unsigned nibbles, or signed for Q8_0). */
+TM_INLINE __m256i block_ints(int qtype, wrow r, int64_t b) {
+    if (qtype == TM_Q8_0) return _mm256_loadu_si256((const __m256i *)(r.ints + b * 32));
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(r.ints + b * 16));
     const __m128i mask = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
     return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
@@ -201,56 +185,67 @@ TM_INLINE __m256 block_int_dot(int qtype, __m256i q, const int8_t *y) {
 }
 #endif
 
-#if TM_AVX2
-/* Block b of one weight row against block b of ROWS activation rows. */
-TM_INLINE void block_step(int qtype, int ROWS, const uint8_t *blk, int64_t b, const int8_t *y,
-                          const float *dx, const float *sy, int64_t K, __m256 *acc, float *off) {
-    float d, m;
-    block_affine(qtype, blk, &d, &m);
-    const __m256i q = block_ints(qtype, blk);
-    for (int r = 0; r < ROWS; r++) {
-        const int64_t i = r * (K / 32) + b;
-        const __m256 p = block_int_dot(qtype, q, y + i * 32);
-        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx[i]), p, acc[r]);
-        off[r] += m * sy[i];
-    }
-}
-#endif
-
 /* y[m, n] for ROWS consecutive activation rows (ROWS is a constant in each inlined copy).
- * Every row accumulates its blocks in the same order whatever ROWS is (two accumulators,
- * even and odd blocks, then the offsets), so a result never depends on the batch. */
-TM_INLINE void dot_tile(int qtype, int ROWS, const uint8_t *row, int64_t nb, const int8_t *y,
-                        const float *dx, const float *sy, int64_t K, float *out, int64_t ldo) {
-    const int bb = block_bytes(qtype);
-    float off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+ * A row's result is computed by the same operations in the same order whatever ROWS is
+ * (blocks alternate between two accumulators; offsets are summed 8 blocks at a time),
+ * so a result never depends on the batch around it. */
+TM_INLINE void dot_tile(int qtype, int ROWS, wrow w, int64_t nb, const int8_t *y,
+                        const float *dx, const float *sy, float *out, int64_t ldo) {
 #if TM_AVX2
-    __m256 even[4], odd[4];
-    float off_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    __m256 even[4], odd[4], off[4];
+    float off_tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float sc[4][8] __attribute__((aligned(32)));
+    for (int r = 0; r < ROWS; r++) even[r] = odd[r] = off[r] = _mm256_setzero_ps();
     int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {  /* two independent chains hide the FMA latency */
-        block_step(qtype, ROWS, row + b * bb, b, y, dx, sy, K, even, off);
-        block_step(qtype, ROWS, row + (b + 1) * bb, b + 1, y, dx, sy, K, odd, off_odd);
-    }
-    if (b < nb) block_step(qtype, ROWS, row + b * bb, b, y, dx, sy, K, even, off);
-    for (int r = 0; r < ROWS; r++)
-        out[r * ldo] = hsum(_mm256_add_ps(even[r], odd[r])) + (off[r] + off_odd[r]);
-#else
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bb;
-        float d, m;
-        block_affine(qtype, blk, &d, &m);
-        int q[32];
-        if (qtype == TM_Q8_0) {
-            for (int j = 0; j < 32; j++) q[j] = ((const int8_t *)(blk + 2))[j];
-        } else {
-            const uint8_t *qs = blk + (qtype == TM_Q4_1 ? 4 : 2);
-            for (int j = 0; j < 16; j++) { q[j] = qs[j] & 0x0F; q[j + 16] = qs[j] >> 4; }
-        }
+    for (; b + 8 <= nb; b += 8) {  /* 8 blocks: their scales in one vector */
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.d + b)));
+        __m256 m8 = _mm256_setzero_ps();
+        if (qtype == TM_Q4_1) m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w.m + b)));
+        if (qtype == TM_Q4_0) m8 = _mm256_mul_ps(d8, _mm256_set1_ps(-8.0f));
         for (int r = 0; r < ROWS; r++) {
-            const int64_t i = r * (K / 32) + b;
+            const int64_t i = r * nb + b;
+            _mm256_store_ps(sc[r], _mm256_mul_ps(d8, _mm256_loadu_ps(dx + i)));
+            if (qtype != TM_Q8_0) off[r] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(sy + i), off[r]);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const __m256i q = block_ints(qtype, w, b + j);
+            for (int r = 0; r < ROWS; r++) {
+                const __m256 p = block_int_dot(qtype, q, y + (r * nb + b + j) * 32);
+                const __m256 s = _mm256_broadcast_ss(&sc[r][j]);
+                if (j & 1)
+                    odd[r] = _mm256_fmadd_ps(s, p, odd[r]);
+                else
+                    even[r] = _mm256_fmadd_ps(s, p, even[r]);
+            }
+        }
+    }
+    for (; b < nb; b++) {  /* the last nb % 8 blocks */
+        float d, m;
+        block_affine(qtype, w, b, &d, &m);
+        const __m256i q = block_ints(qtype, w, b);
+        for (int r = 0; r < ROWS; r++) {
+            const int64_t i = r * nb + b;
+            const __m256 p = block_int_dot(qtype, q, y + i * 32);
+            const __m256 s = _mm256_set1_ps(d * dx[i]);
+            if (b & 1)
+                odd[r] = _mm256_fmadd_ps(s, p, odd[r]);
+            else
+                even[r] = _mm256_fmadd_ps(s, p, even[r]);
+            off_tail[r] += m * sy[i];
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        out[r * ldo] = hsum(_mm256_add_ps(even[r], odd[r])) + (hsum(off[r]) + off_tail[r]);
+#else
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t b = 0; b < nb; b++) {
+        float d, m;
+        int q[32];
+        block_affine(qtype, w, b, &d, &m);
+        block_ints_scalar(qtype, w, b, q);
+        for (int r = 0; r < ROWS; r++) {
+            const int64_t i = r * nb + b;
             int dot = 0;
             for (int j = 0; j < 32; j++) dot += q[j] * y[i * 32 + j];
             acc[r] += d * dx[i] * (float)dot;
@@ -265,9 +260,8 @@ TM_INLINE void dot_tile(int qtype, int ROWS, const uint8_t *row, int64_t nb, con
  * type or K % 32 != 0, -2 when out of memory. */
 TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w,
                         int64_t N, float *y) {
-    const int bb = block_bytes(qtype);
-    if (!bb || K % 32) return -1;
-    const int64_t nb = K / 32, row_bytes = nb * bb;
+    if (!block_bytes(qtype) || K % 32) return -1;
+    const int64_t nb = K / 32;
     int8_t *yq = (int8_t *)malloc((size_t)(M * K));
     float *dx = (float *)malloc((size_t)(M * nb) * sizeof(float));
     float *sy = (float *)malloc((size_t)(M * nb) * sizeof(float));
@@ -282,12 +276,12 @@ TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const u
             quantize_act_row(x + m * K, K, yq + m * K, dx + m * nb, sy + m * nb);
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            const uint8_t *row = w + n * row_bytes;
+            const wrow row = row_at(qtype, w, n, nb);
             int64_t m = 0;
             for (; m + 4 <= M; m += 4)
-                dot_tile(qtype, 4, row, nb, yq + m * K, dx + m * nb, sy + m * nb, K, y + m * N + n, N);
+                dot_tile(qtype, 4, row, nb, yq + m * K, dx + m * nb, sy + m * nb, y + m * N + n, N);
             for (; m < M; m++)
-                dot_tile(qtype, 1, row, nb, yq + m * K, dx + m * nb, sy + m * nb, K, y + m * N + n, N);
+                dot_tile(qtype, 1, row, nb, yq + m * K, dx + m * nb, sy + m * nb, y + m * N + n, N);
         }
     }
     free(yq), free(dx), free(sy);
@@ -306,17 +300,15 @@ int tm_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, i
     }
 }
 
-/* x rounded to 8 bits per block exactly as tm_gemm rounds it, back in float32: the
- * reference the tests compare tm_gemm against (dequantized W times this). */
+/* x rounded to 8 bits per block exactly as tm_gemm rounds it, back in float32. */
 int tm_round_activations(const float *x, int64_t M, int64_t K, float *out) {
     if (K % 32) return -1;
-    const int64_t nb = K / 32;
 #pragma omp parallel
     {
         int8_t yq[32];
         float dx, sy;
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < M * nb; i++) {
+        for (int64_t i = 0; i < M * (K / 32); i++) {
             quantize_act_row(x + i * 32, 32, yq, &dx, &sy);
             for (int j = 0; j < 32; j++) out[i * 32 + j] = dx * (float)yq[j];
         }
@@ -326,11 +318,9 @@ int tm_round_activations(const float *x, int64_t M, int64_t K, float *out) {
 
 /* out[N, K] = W as float32. */
 TM_INLINE int dequant_impl(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
-    const int bb = block_bytes(qtype);
-    if (!bb || K % 32) return -1;
-    const int64_t row_bytes = K / 32 * bb;
+    if (!block_bytes(qtype) || K % 32) return -1;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) decode_row(qtype, w + n * row_bytes, K, out + n * K);
+    for (int64_t n = 0; n < N; n++) decode_row(qtype, row_at(qtype, w, n, K / 32), K / 32, out + n * K);
     return 0;
 }
 

@@ -3,23 +3,30 @@
 A GGUF checkpoint stores most matrices as Q4_0, Q4_1 or Q8_0 blocks of 32 weights
 (0.56-1.06 bytes per weight instead of 4 for float32). ``QuantizedTensor`` carries such a
 matrix from the loader to the layers unchanged; ``PackedWeight`` is what a linear layer
-or the embedding holds after loading; ``packed_linear`` multiplies by it with the C
-kernel ``tm_gemm``, which reads the compressed bytes once per step. A CPU decode step is
-bound by how many weight bytes it reads, so this is the main speed-up of the CPU path.
+or the embedding holds after loading; ``packed_linear`` multiplies by it:
+
+* up to ``KERNEL_MAX_ROWS`` rows (decode steps, the sampled rows of the LM head): the C
+  kernel ``tm_gemm`` reads the compressed bytes once. A CPU decode step is bound by how
+  many weight bytes it reads, so this is the main speed-up of the CPU path;
+* more rows (prefill chunks, large batches): compute-bound, where the BLAS GEMM blocks
+  far better than our kernel: decode the matrix to float32 into a scratch buffer and
+  multiply it by the activations rounded exactly as the kernel rounds them.
 
 Numerics (llama.cpp's): the weights are used exactly as stored, the activations are
 rounded to 8 bits per block of 32 (one float scale per block), so each block's product
-is an exact integer dot product. Every batch size, prefill and decode alike, takes the
-same path with the same summation order, so a request's tokens never depend on what it
-is batched with. ``--quantization none`` dequantizes at load and runs float32 instead
-(the path that matches transformers to float rounding).
+is an exact integer dot product. Both paths compute the same products (they differ only
+in float32 summation order, like BLAS at different batch sizes). ``--quantization none``
+dequantizes at load and runs float32 instead (the path that matches transformers to
+float rounding).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tokenmill.kernels.cpu import kernels
 from tokenmill.loader.gguf_dequant import dequantize
@@ -28,6 +35,9 @@ from tokenmill.loader.gguf_dequant import dequantize
 PACKED_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0
 QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 BLOCK = 32
+# Up to this many rows the kernel beats decode + BLAS on the default model's matrices
+# (`python bench/packed_linear.py` prints both; measured on a 2-core Zen 1 VM).
+KERNEL_MAX_ROWS = 32
 
 
 @dataclass
@@ -67,9 +77,23 @@ def packable(qtype: int) -> bool:
     return qtype in PACKED_BLOCK_BYTES and kernels() is not None
 
 
+def regroup_rows(qtype: int, data: torch.Tensor) -> torch.Tensor:
+    """GGUF rows of blocks ``[rows, nb * block_bytes]`` -> the kernels' row layout:
+    ``[integers of all blocks | d of all blocks | m of all blocks (Q4_1)]``, same size.
+    Grouping the fp16 scales lets the kernel convert 8 of them with one instruction."""
+    rows = data.shape[0]
+    blocks = data.reshape(rows, -1, PACKED_BLOCK_BYTES[qtype])
+    ints_at = 4 if qtype == 3 else 2
+    parts = [blocks[..., ints_at:], blocks[..., 0:2]]
+    if qtype == 3:
+        parts.append(blocks[..., 2:4])
+    return torch.cat([p.reshape(rows, -1) for p in parts], dim=1)
+
+
 class PackedWeight:
-    """An [out_features, in_features] matrix held as quantized blocks, filled row range by
-    row range as the checkpoint's (possibly fused) parts arrive."""
+    """An [out_features, in_features] matrix held as quantized blocks (in the kernels'
+    row layout, see ``regroup_rows``), filled row range by row range as the checkpoint's
+    (possibly fused) parts arrive."""
 
     def __init__(self, qtype: int, rows: int, cols: int) -> None:
         self.qtype = qtype
@@ -78,7 +102,7 @@ class PackedWeight:
                                 dtype=torch.uint8)
 
     def copy_rows(self, offset: int, part: QuantizedTensor) -> None:
-        self.data.narrow(0, offset, part.shape[0]).copy_(part.data)
+        self.data.narrow(0, offset, part.shape[0]).copy_(regroup_rows(self.qtype, part.data))
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         return kernels().dequant(self.qtype, self.data, *self.shape, out=out)
@@ -94,12 +118,28 @@ class PackedWeight:
         return self.data.numel()
 
 
+_scratch = threading.local()
+
+
+def _decode_scratch(numel: int) -> torch.Tensor:
+    """One float32 buffer per thread, reused by every large-batch product (one matrix at
+    a time), so a prefill never holds more than one decoded matrix."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
 def packed_linear(x: torch.Tensor, weight: PackedWeight,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for x of shape [..., in_features]; float32 math, x's dtype out."""
     n, k = weight.shape
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    y = kernels().gemm(weight.qtype, x2, weight.data, n)
+    if x2.shape[0] <= KERNEL_MAX_ROWS:
+        y = kernels().gemm(weight.qtype, x2, weight.data, n)
+    else:
+        w = weight.dequantize(out=_decode_scratch(n * k).view(n, k))
+        y = F.linear(kernels().round_activations(x2), w)
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).view(*x.shape[:-1], n)
