@@ -9,8 +9,13 @@
 #   1. Creates a separate venv ($LLAMA_VENV) with `pip install 'llama-cpp-python[server]'`
 #      (skipped when it already imports), so llama.cpp's dependencies never touch ours.
 #   2. For each server in turn (one at a time, so they never compete for the cores):
-#        llama.cpp:  python -m llama_cpp.server --model $MODEL --n_threads $THREADS --port $LC_PORT
-#        tokenmill:  tokenmill serve --model $MODEL --port $TM_PORT
+#        llama-cpp-python:  python -m llama_cpp.server --model $MODEL --n_threads $THREADS
+#                           --port $LC_PORT --interrupt_requests False
+#                           (by default it cancels a running request when another arrives)
+#        llama-server:      $LLAMA_SERVER -m $MODEL -t $THREADS -np 32 -c 8192 --port $LS_PORT
+#                           (llama.cpp's own C++ server, 32 slots with continuous batching;
+#                           only when $LLAMA_SERVER names the binary, see below)
+#        tokenmill:         tokenmill serve --model $MODEL --port $TM_PORT
 #      waits for GET /v1/models, then runs, for each concurrency in $CONCURRENCIES,
 #        tokenmill bench serve --input-len $INPUT_LEN --output-len $OUTPUT_LEN
 #            --ban-token-ids $BAN_IDS --max-concurrency C --num-prompts max(8, C)
@@ -25,11 +30,19 @@
 # benchmark counts one token per streamed chunk and takes prompt lengths from the
 # calibration probes (non-streamed responses carry usage).
 #
+# llama-server is not on PyPI as a binary, but its source is: the llama-cpp-python sdist
+# vendors llama.cpp. To build it (about 15 minutes on 2 cores):
+#   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-*.tar.gz
+#   cd llama_cpp_python-*/vendor/llama.cpp && cmake -S . -B build -DCMAKE_BUILD_TYPE=Release \
+#       -DLLAMA_CURL=OFF -DGGML_NATIVE=ON && cmake --build build --target llama-server -j 2
+#   export LLAMA_SERVER=$PWD/build/bin/llama-server
+#
 # Environment (defaults):
 #   PYTHON=.venv/bin/python   the tokenmill venv's python (runs `-m tokenmill`)
 #   LLAMA_VENV=$HOME/.cache/tokenmill/llama-cpp-venv
 #   MODEL=<the embedded SmolLM2-135M-Instruct GGUF>   THREADS=2
-#   TM_PORT=8100  LC_PORT=8101  INPUT_LEN=130  OUTPUT_LEN=64
+#   TM_PORT=8100  LC_PORT=8101  LS_PORT=8102  INPUT_LEN=130  OUTPUT_LEN=64
+#   LLAMA_SERVER=""   path of a llama-server binary (skipped when empty)
 #   BAN_IDS=0,2 (SmolLM2's <|endoftext|> and <|im_end|>)   CONCURRENCIES="1 32"
 #   TM_ARGS=""   extra flags for `tokenmill serve`
 #   LC_ARGS=""   extra flags for `llama_cpp.server`
@@ -41,6 +54,8 @@ LLAMA_VENV=${LLAMA_VENV:-$HOME/.cache/tokenmill/llama-cpp-venv}
 THREADS=${THREADS:-2}
 TM_PORT=${TM_PORT:-8100}
 LC_PORT=${LC_PORT:-8101}
+LS_PORT=${LS_PORT:-8102}
+LLAMA_SERVER=${LLAMA_SERVER:-}
 INPUT_LEN=${INPUT_LEN:-130}
 OUTPUT_LEN=${OUTPUT_LEN:-64}
 BAN_IDS=${BAN_IDS:-0,2}
@@ -102,13 +117,23 @@ run_workload() {  # NAME PORT EXTRA_BENCH_ARGS...
 echo "== 2a. llama.cpp server on port $LC_PORT"
 # shellcheck disable=SC2086
 "$LLAMA_VENV/bin/python" -m llama_cpp.server --model "$MODEL" --n_threads "$THREADS" \
-    --port "$LC_PORT" $LC_ARGS > "$OUT/llamacpp_server.log" 2>&1 &
+    --port "$LC_PORT" --interrupt_requests False $LC_ARGS > "$OUT/llamacpp_server.log" 2>&1 &
 SERVER_PID=$!
 wait_ready "http://127.0.0.1:$LC_PORT" 300
 run_workload llamacpp "$LC_PORT" --extra-body '{"repeat_penalty": 1.0}'
 stop_server
 
-echo "== 2b. tokenmill server on port $TM_PORT"
+if [[ -n "$LLAMA_SERVER" ]]; then
+    echo "== 2b. llama-server (C++) on port $LS_PORT"
+    "$LLAMA_SERVER" -m "$MODEL" -t "$THREADS" -np 32 -c 8192 --port "$LS_PORT" \
+        > "$OUT/llamaserver.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready "http://127.0.0.1:$LS_PORT" 300
+    run_workload llamaserver "$LS_PORT"
+    stop_server
+fi
+
+echo "== 2c. tokenmill server on port $TM_PORT"
 # shellcheck disable=SC2086
 "$PYTHON" -m tokenmill serve --model "$MODEL" --port "$TM_PORT" --disable-access-log \
     $TM_ARGS > "$OUT/tokenmill_server.log" 2>&1 &
@@ -123,7 +148,7 @@ import json, os, sys
 out, concurrencies = sys.argv[1], sys.argv[2:]
 print(f"{'server':<10}{'conc':>5}{'out tok/s':>11}{'p50 TTFT ms':>13}{'mean TPOT ms':>14}"
       f"{'decode tok/s':>14}{'in len':>8}{'ok/fail':>9}")
-for name in ("llamacpp", "tokenmill"):
+for name in ("llamacpp", "llamaserver", "tokenmill"):
     for c in concurrencies:
         path = os.path.join(out, f"{name}_c{c}.json")
         if not os.path.exists(path):

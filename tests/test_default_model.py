@@ -157,3 +157,21 @@ def test_packed_weights_stay_close_to_the_dense_path(llm, dense_llm):
         if first < len(tp):
             assert tp[first] in ld[first] and td[first] in lp[first]
     assert agreed >= len(PROMPTS) * 24 // 4  # mostly the same text, not a lucky top-5
+
+
+def test_whole_layer_decode_path_is_bit_identical(llm):
+    """Decode steps run one C call per layer (CPUDecodePath); the Python layer code must
+    give exactly the same logprobs (same kernels, same order)."""
+    model = llm.engine.runner.model
+    assert model._decode_path, "the default model should take the C decode path"
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+    fast = llm.generate(PROMPTS, params, use_tqdm=False)
+    model._decode_path = False
+    try:
+        slow = llm.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        model._decode_path = None
+    for f, s in zip(fast, slow, strict=True):
+        assert f.outputs[0].token_ids == s.outputs[0].token_ids
+        for lf, ls in zip(f.outputs[0].logprobs, s.outputs[0].logprobs, strict=True):
+            assert {t: e.logprob for t, e in lf.items()} == {t: e.logprob for t, e in ls.items()}

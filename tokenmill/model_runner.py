@@ -11,6 +11,8 @@ samples at most one token.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -31,14 +33,26 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[int, tuple[int, list[PositionLogprobs]]]
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Zeros that take memory only where they are written. On the CPU the tensor lives in
+    an anonymous mmap, whose pages the OS hands out zero-filled on first touch, so a 2 GiB
+    KV pool costs the resident memory of the blocks actually used, not 2 GiB at start-up
+    (``torch.zeros`` writes every page)."""
+    if device != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
+
+
 class KVCache:
     """One flat K and one flat V tensor per layer: [num_blocks * block_size, KVH, D]."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: str) -> None:
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=device),
-                        torch.zeros(shape, dtype=dtype, device=device))
+        self.layers = [(lazy_zeros(shape, dtype, device), lazy_zeros(shape, dtype, device))
                        for _ in range(cfg.num_layers)]
 
 

@@ -75,6 +75,13 @@ class CPUKernels:
         lib.tm_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
         lib.tm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
         lib.tm_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
+        f32, c_int = ctypes.c_float, ctypes.c_int
+        lib.tm_decode_layer.argtypes = [
+            i64, i64, i64, i64, i64, i64,            # T, H, NH, KVH, D, I
+            ptr, ptr, c_int, ptr, ptr, f32,          # x, residual, first, ln1, ln2, eps
+            c_int, ptr, c_int, ptr, c_int, ptr, c_int, ptr,  # (qtype, weight) x 4
+            ptr, ptr, ptr, ptr, ptr, ptr,            # positions, cos, sin, k/v cache, slots
+            ptr, i64, ptr, i64, f32]                 # block table, max blocks, lens, bs, scale
         self.has_avx2 = bool(lib.tm_has_avx2())
 
     def gemm(self, qtype: int, x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:

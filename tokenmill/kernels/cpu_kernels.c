@@ -463,3 +463,56 @@ void tm_silu_and_mul(const float *x, int64_t T, int64_t I, float *out) {
         for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
 }
+
+/* ---- One whole decoder layer for a step of decodes (one new token per sequence) ----
+ * The same kernels in the same order as the Python layer code calls them (so the
+ * results are bit-identical), without ~15 Python-level calls per layer, which at batch 1
+ * cost as much as the arithmetic:
+ *   residual += x (first layer: residual = x); h = rmsnorm(residual) * ln1
+ *   qkv = h @ Wqkv^T; rotary on the q and k heads; k, v -> cache slots
+ *   a = paged decode attention(q); residual += a @ Wo^T; h = rmsnorm(residual) * ln2
+ *   x = silu_and_mul(h @ Wgate_up^T) @ Wdown^T
+ * x [T, H] is read as the layer input and overwritten with its output. Returns 0, or a
+ * negative code from a kernel. */
+int tm_decode_layer(int64_t T, int64_t H, int64_t NH, int64_t KVH, int64_t D, int64_t I,
+                    float *x, float *residual, int first, const float *ln1,
+                    const float *ln2, float eps, int qt_qkv, const uint8_t *w_qkv, int qt_o,
+                    const uint8_t *w_o, int qt_gu, const uint8_t *w_gu, int qt_down,
+                    const uint8_t *w_down, const int64_t *positions, const float *cos_table,
+                    const float *sin_table, float *k_cache, float *v_cache,
+                    const int64_t *slots, const int64_t *block_table, int64_t max_blocks,
+                    const int64_t *seq_lens, int64_t block_size, float scale) {
+    const int64_t W = (NH + 2 * KVH) * D, widest = W > 2 * I ? W : 2 * I;
+    float *h = (float *)malloc((size_t)(T * H) * sizeof(float));
+    float *big = (float *)malloc((size_t)(T * widest) * sizeof(float));
+    float *q = (float *)malloc((size_t)(T * NH * D) * sizeof(float));
+    float *att = (float *)malloc((size_t)(T * (NH * D > I ? NH * D : I)) * sizeof(float));
+    int rc = -2;
+    if (!h || !big || !q || !att) goto done;
+    if (first) {
+        memcpy(residual, x, (size_t)(T * H) * sizeof(float));
+        tm_rms_norm(residual, NULL, ln1, T, H, eps, h);
+    } else {
+        tm_rms_norm(x, residual, ln1, T, H, eps, h);
+    }
+    if ((rc = tm_gemm(qt_qkv, h, T, H, w_qkv, W, big))) goto done;
+    tm_rope(big, T, W, NH + KVH, D, positions, cos_table, sin_table);
+    for (int64_t t = 0; t < T; t++) {
+        const float *row = big + t * W;
+        memcpy(q + t * NH * D, row, (size_t)(NH * D) * sizeof(float));
+        memcpy(k_cache + slots[t] * KVH * D, row + NH * D, (size_t)(KVH * D) * sizeof(float));
+        memcpy(v_cache + slots[t] * KVH * D, row + (NH + KVH) * D,
+               (size_t)(KVH * D) * sizeof(float));
+    }
+    if ((rc = tm_paged_decode_attention(q, k_cache, v_cache, block_table, max_blocks, seq_lens,
+                                        T, NH, KVH, D, block_size, scale, att)))
+        goto done;
+    if ((rc = tm_gemm(qt_o, att, T, NH * D, w_o, H, x))) goto done;
+    tm_rms_norm(x, residual, ln2, T, H, eps, h);
+    if ((rc = tm_gemm(qt_gu, h, T, H, w_gu, 2 * I, big))) goto done;
+    tm_silu_and_mul(big, T, I, att);
+    rc = tm_gemm(qt_down, att, T, I, w_down, H, x);
+done:
+    free(h), free(big), free(q), free(att);
+    return rc;
+}

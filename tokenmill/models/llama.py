@@ -25,6 +25,7 @@ from tokenmill.layers.linear import (
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.quantization import PackedWeight, QuantizedTensor, packable
 from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.cpu_decode import CPUDecodePath
 
 # checkpoint name fragment -> (our fused parameter's fragment, shard id)
 _FUSED = (
@@ -146,14 +147,20 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ReplicatedLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._decode_path: CPUDecodePath | bool | None = None  # see forward()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
-        residual = None
-        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, positions, kv, meta)
+        if self._decode_path is None:  # decided once, after the weights are in
+            self._decode_path = CPUDecodePath.build(self) or False
+        if self._decode_path and CPUDecodePath.applies(x, meta):
+            x, residual = self._decode_path(x, positions, kv_caches, meta)
+        else:
+            residual = None
+            for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+                x, residual = layer(x, residual, positions, kv, meta)
         x, _ = self.model.norm(x, residual)
         return x
 

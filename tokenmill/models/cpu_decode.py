@@ -1,0 +1,83 @@
+"""A decode step of the Llama family in one C call per layer (``tm_decode_layer``).
+
+At batch 1 a layer is ~0.5 ms of arithmetic and, called from Python, as much again in
+dispatch: about fifteen module calls, tensor views and ctypes calls. For steps made only
+of decodes (one new token per sequence, at most ``KERNEL_MAX_ROWS`` of them), this path
+hands the whole layer to C: the same kernels in the same order as the Python layer code
+(packed matmuls, fused RMSNorm, in-place rotary, paged decode attention, SiLU-and-mul),
+so the hidden states are bit-identical to it. Everything else (prefill chunks, float
+weights, qkv bias, q/k norm, tensor parallelism) takes the Python path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenmill.distributed import tp_size
+from tokenmill.layers.attention import AttentionMetadata, CPUAttentionBackend
+from tokenmill.layers.quantization import KERNEL_MAX_ROWS
+
+
+class CPUDecodePath:
+    def __init__(self, model) -> None:
+        cfg = model.config
+        layer0 = model.model.layers[0]
+        self.kernels = layer0.self_attn.backend.kernels
+        self.dims = (cfg.hidden_size, layer0.self_attn.num_heads,
+                     layer0.self_attn.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
+        self.scale = layer0.self_attn.scale
+        self.eps = cfg.rms_norm_eps
+        self.layers = []
+        for layer in model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            weights = []
+            for lin in (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                weights += [lin.packed.qtype, lin.packed.data.data_ptr()]
+            self.layers.append((layer.input_layernorm.weight.data_ptr(),
+                                layer.post_attention_layernorm.weight.data_ptr(), weights,
+                                att.rotary.cos.data_ptr(), att.rotary.sin.data_ptr()))
+
+    @staticmethod
+    def build(model) -> CPUDecodePath | None:
+        """The fast path, if every layer qualifies; else None."""
+        cfg = model.config
+        if tp_size() != 1 or cfg.qkv_bias or cfg.qk_norm:
+            return None
+        for layer in model.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            linears = (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if not isinstance(att.backend, CPUAttentionBackend) or any(
+                    lin.packed is None or lin.bias is not None for lin in linears):
+                return None
+            if layer.input_layernorm.weight.dtype != torch.float32:
+                return None
+        return CPUDecodePath(model)
+
+    @staticmethod
+    def applies(x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return (not meta.prefills and 0 < x.shape[0] <= KERNEL_MAX_ROWS
+                and meta.num_decodes == x.shape[0] and x.dtype == torch.float32)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Runs every layer; returns (last layer's output, residual stream)."""
+        x = x.contiguous().clone()
+        residual = torch.empty_like(x)
+        t = x.shape[0]
+        h, nh, kvh, d, inter = self.dims
+        table = meta.decode_block_table.contiguous()
+        lens = meta.decode_seq_lens.contiguous()
+        step = (positions.contiguous(), meta.slot_mapping.contiguous(), table, lens)
+        ptrs = [p.data_ptr() for p in step]
+        lib = self.kernels.lib
+        for i, ((ln1, ln2, weights, cos, sin), (k_cache, v_cache)) in enumerate(
+                zip(self.layers, kv_caches, strict=True)):
+            rc = lib.tm_decode_layer(
+                t, h, nh, kvh, d, inter, x.data_ptr(), residual.data_ptr(), int(i == 0),
+                ln1, ln2, self.eps, *weights, ptrs[0], cos, sin, k_cache.data_ptr(),
+                v_cache.data_ptr(), ptrs[1], ptrs[2], table.shape[1], ptrs[3],
+                meta.block_size, self.scale)
+            if rc:
+                raise RuntimeError(f"tm_decode_layer failed ({rc}) in layer {i}")
+        return x, residual
