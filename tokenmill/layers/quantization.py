@@ -35,9 +35,9 @@ from tokenmill.loader.gguf_dequant import dequantize
 PACKED_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0
 QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 BLOCK = 32
-# Up to this many rows the kernel beats decode + BLAS on the default model's matrices
-# (`python bench/packed_linear.py` prints both; measured on a 2-core Zen 1 VM).
-KERNEL_MAX_ROWS = 32
+# Up to this many rows the kernel matches or beats decode + BLAS on the default model's
+# matrices (`python bench/packed_linear.py` prints both; measured on a 2-core Zen 1 VM).
+KERNEL_MAX_ROWS = 64
 
 
 @dataclass
