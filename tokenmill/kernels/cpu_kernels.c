@@ -350,13 +350,15 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
     {
         float *scores = NULL;
         int64_t cap = 0;
+        /* one job per (sequence, query head): more, smaller jobs than per KV head, so a
+         * single sequence still spreads over the threads */
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t job = 0; job < n * KVH; job++) {
-            const int64_t s = job / KVH, kvh = job % KVH, len = seq_lens[s];
+        for (int64_t job = 0; job < n * H; job++) {
+            const int64_t s = job / H, h = job % H, kvh = h / group, len = seq_lens[s];
             if (len > cap) {
                 free(scores);
                 cap = len;
-                scores = (float *)malloc((size_t)(cap * group) * sizeof(float));
+                scores = (float *)malloc((size_t)cap * sizeof(float));
             }
             if (!scores) {
 #pragma omp atomic write
@@ -365,39 +367,30 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
                 continue;
             }
             const int64_t *table = block_table + s * max_blocks;
-            const float *qs = q + (s * H + kvh * group) * D;
-            float *os = out + (s * H + kvh * group) * D;
+            const float *qh = q + (s * H + h) * D;
+            float *o = out + (s * H + h) * D;
+            float mx = -INFINITY, sum = 0.0f;
             for (int64_t t = 0; t < len; t++) {
                 const int64_t slot = table[t / block_size] * block_size + t % block_size;
                 const float *kv = k_cache + (slot * KVH + kvh) * D;
-                for (int64_t g = 0; g < group; g++) {
-                    const float *qh = qs + g * D;
-                    float dot = 0.0f;
+                float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                    for (int64_t d = 0; d < D; d++) dot += qh[d] * kv[d];
-                    scores[g * len + t] = dot * scale;
-                }
+                for (int64_t d = 0; d < D; d++) dot += qh[d] * kv[d];
+                scores[t] = dot * scale;
+                mx = scores[t] > mx ? scores[t] : mx;
             }
-            for (int64_t g = 0; g < group; g++) {
-                float *sc = scores + g * len, mx = sc[0], sum = 0.0f;
-                for (int64_t t = 1; t < len; t++) mx = sc[t] > mx ? sc[t] : mx;
-                for (int64_t t = 0; t < len; t++) {
-                    sc[t] = expf(sc[t] - mx);
-                    sum += sc[t];
-                }
-                const float inv = 1.0f / sum;
-                for (int64_t t = 0; t < len; t++) sc[t] *= inv;
+            for (int64_t t = 0; t < len; t++) {
+                scores[t] = expf(scores[t] - mx);
+                sum += scores[t];
             }
-            memset(os, 0, (size_t)(group * D) * sizeof(float));
+            const float inv = 1.0f / sum;
+            memset(o, 0, (size_t)D * sizeof(float));
             for (int64_t t = 0; t < len; t++) {
                 const int64_t slot = table[t / block_size] * block_size + t % block_size;
                 const float *vv = v_cache + (slot * KVH + kvh) * D;
-                for (int64_t g = 0; g < group; g++) {
-                    const float p = scores[g * len + t];
-                    float *o = os + g * D;
+                const float p = scores[t] * inv;
 #pragma omp simd
-                    for (int64_t d = 0; d < D; d++) o[d] += p * vv[d];
-                }
+                for (int64_t d = 0; d < D; d++) o[d] += p * vv[d];
             }
         }
         free(scores);
