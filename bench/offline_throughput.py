@@ -1,7 +1,8 @@
 """Offline throughput of LLM.generate next to transformers' generate, in one run.
 
     python bench/offline_throughput.py [--num-prompts 64] [--input-len 100]
-        [--output-len 128] [--hf-batch 32] [--model PATH] [--skip-hf]
+        [--output-len 128] [--hf-batch 32] [--model PATH] [--quantization auto|none]
+        [--skip-hf]
 
 Prompts are random token ids (the same for both engines); EOS is ignored so every
 request produces exactly --output-len tokens. transformers runs fp32, left-padded
@@ -69,13 +70,15 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--quantization", default="auto", choices=["auto", "none"])
     ap.add_argument("--skip-hf", action="store_true")
     a = ap.parse_args()
     model = a.model or default_model_path()
     prompts = make_prompts(a.num_prompts, a.input_len, 49152 if a.model is None else 1000)
     ours = run_tokenmill(model, prompts, a.output_len, max_num_seqs=a.max_num_seqs,
-                         max_num_batched_tokens=a.max_num_batched_tokens)
-    print(f"tokenmill LLM.generate: {ours:.1f} output tok/s "
+                         max_num_batched_tokens=a.max_num_batched_tokens,
+                         quantization=a.quantization)
+    print(f"tokenmill LLM.generate (--quantization {a.quantization}): {ours:.1f} output tok/s "
           f"({a.num_prompts} prompts x {a.input_len} in, {a.output_len} out)")
     if not a.skip_hf:
         theirs = run_transformers(model, prompts, a.output_len, a.hf_batch)

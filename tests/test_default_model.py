@@ -145,7 +145,7 @@ def test_weights_stay_packed(llm):
 def test_packed_weights_stay_close_to_the_dense_path(llm, dense_llm):
     """vLLM's rule for quantized paths: tokens agree up to the first mismatch, where each
     side's token is in the other's top 5; before it, the chosen tokens' logprobs are
-    close (measured here: mean 0.04, max 0.23 over 8 prompts x 64 tokens)."""
+    close (measured here: mean 0.04, max 0.36 over 8 prompts x 64 tokens)."""
     assert dense_llm.engine.runner.model.lm_head.packed is None
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
     packed_out = llm.generate(PROMPTS, params, use_tqdm=False)
