@@ -23,7 +23,8 @@
  *   tm_round_activations(x[M,K], out): x rounded as tm_gemm rounds it (large batches
  *       multiply it by the decoded matrix with BLAS; tests use it as the reference).
  *   tm_dequant(qtype, w, N, K, out[N,K]): the weights as float32.
- *   tm_paged_decode_attention(...), fused element-wise ops: see their comments below.
+ *   tm_paged_decode_attention(...), fused element-wise ops, tm_decode_layer (a whole
+ *       decoder layer for decode steps): see their comments below.
  *
  * Built at run time by tokenmill/kernels/cpu.py with the machine's C compiler
  * (-O3 -march=native -fopenmp). AVX2+FMA+F16C code where the compiler targets them,
@@ -337,7 +338,7 @@ int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
  * sequence: out[s, h] = softmax(scale * q[s, h] . K_s^T) V_s over the seq_lens[s] cached
  * positions of sequence s, found through its block table (position t lives in slot
  * table[t / block_size] * block_size + t % block_size). Query heads h share KV head
- * h / (H / KVH) (grouped-query attention). Parallel over (sequence, KV head); nothing is
+ * h / (H / KVH) (grouped-query attention). Parallel over (sequence, query head); nothing is
  * gathered or padded, so a step costs what its sequences' lengths cost. */
 int tm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                               const int64_t *block_table, int64_t max_blocks,
