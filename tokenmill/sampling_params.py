@@ -11,6 +11,8 @@ import copy
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from tokenmill.structured.params import StructuredOutputsParams
+
 _SAMPLING_EPS = 1e-5
 
 
@@ -46,6 +48,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    # json / regex / choice / grammar constraint on the output (tokenmill.structured)
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine, not the user.
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -57,6 +61,15 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:  # an unknown field
+                raise ValueError(f"structured_outputs: {e}") from e
+        elif (self.structured_outputs is not None
+              and not isinstance(self.structured_outputs, StructuredOutputsParams)):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict "
+                             f"of its fields, got {type(self.structured_outputs).__name__}.")
         if self.logit_bias:
             try:
                 self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}

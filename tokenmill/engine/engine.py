@@ -8,6 +8,7 @@ independently; their results are gathered back into one ``RequestOutput``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import gc
 import itertools
 import logging
@@ -23,6 +24,7 @@ from tokenmill.layers.attention import attention_backend
 from tokenmill.model_runner import KVCache, ModelRunner
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured import StructuredOutputManager
 from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger("tokenmill")
@@ -67,6 +69,8 @@ class Engine:
                                        else mc.eos_token_ids)
         self.requests: dict[str, UserRequest] = {}
         self._ids = itertools.count()
+        self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size)
+        self._compiling: list[Request] = []  # queued sequences whose grammar is not ready
         tokens = num_blocks * cc.block_size
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%s); %.1f requests of full "
                     "context (%d tokens) fit", num_blocks, cc.block_size, tokens,
@@ -138,6 +142,9 @@ class Engine:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
                     stop=p.stop, include_stop_str_in_output=p.include_stop_str_in_output)
+            if p.structured_outputs is not None:
+                # parsed here (ValueError if invalid), compiled once in the background
+                seq.grammar = self.structured.grammar_for(p.structured_outputs)
             seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
         return UserRequest(request_id, text, ids, seqs)
@@ -149,6 +156,8 @@ class Engine:
         self.requests[user.request_id] = user
         for seq in user.sequences:
             self.scheduler.add_request(seq)
+            if seq.grammar is not None and not seq.grammar.ready():
+                self._compiling.append(seq)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -186,11 +195,15 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step; returns the outputs of the user requests that made
         progress (new tokens or finished)."""
+        failed = self._check_compiling() if self._compiling else []
         sched = self.scheduler.schedule()
         if sched.is_empty():
-            if self.scheduler.num_unfinished:
+            if self._compiling:  # nothing else to do: wait (briefly) for a grammar
+                concurrent.futures.wait([r.grammar.future for r in self._compiling],
+                                        timeout=0.05, return_when="FIRST_COMPLETED")
+            elif self.scheduler.num_unfinished:
                 raise RuntimeError("the scheduler could not place any waiting request")
-            return []
+            return failed
         now = time.monotonic()
         for s in sched.scheduled:
             if s.request.metrics.first_scheduled_time is None:
@@ -211,7 +224,27 @@ class Engine:
             self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
                                so.logprobs[i])
             touched[req.parent_id] = self.requests[req.parent_id]
-        return [self._make_output(u) for u in touched.values()]
+        return failed + [self._make_output(u) for u in touched.values()]
+
+    def _check_compiling(self) -> list[RequestOutput]:
+        """Forgets sequences whose grammar is now compiled; ends (as aborted, with the
+        error as stop_reason) those whose grammar failed to compile."""
+        failed: dict[str, UserRequest] = {}
+        still = []
+        for seq in self._compiling:
+            error = seq.grammar.error()
+            if seq.is_finished or seq.grammar.ready():
+                continue
+            if error is None:
+                still.append(seq)
+                continue
+            logger.error("grammar of %s failed to compile: %s", seq.request_id, error)
+            seq.stop_reason = f"grammar compilation failed: {error}"
+            self.scheduler.finish_request(seq, RequestStatus.FINISHED_ABORTED)
+            if seq.parent_id in self.requests:
+                failed[seq.parent_id] = self.requests[seq.parent_id]
+        self._compiling = still
+        return [self._make_output(u) for u in failed.values()]
 
     def _decode_logprobs(self, entries):
         if self.tokenizer is not None:
@@ -235,6 +268,13 @@ class Engine:
         if stopped_by_token:
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, (
                 token if token in p.all_stop_token_ids else None)
+        elif req.grammar is not None and (not req.grammar.accept(token)
+                                          or req.grammar.is_terminated()):
+            # the grammar is complete (it accepted a stop token); a refused token cannot
+            # follow a masked step, but if it did, the output could only go wrong from here
+            status = RequestStatus.FINISHED_STOPPED
+            if req.detokenizer is not None:
+                req.detokenizer.add_token(token)
         elif req.detokenizer is not None:
             stop = req.detokenizer.add_token(token)
             if stop is not None:

@@ -66,6 +66,7 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     generator: torch.Generator | None = None
     detokenizer: object | None = None  # tokenmill.tokenizer.IncrementalDetokenizer
+    grammar: object | None = None      # tokenmill.structured.RequestGrammar, if constrained
     metrics: RequestMetrics = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

@@ -124,7 +124,8 @@ class Scheduler:
         sharing a prefix run while it is cached; a request that has waited
         ``STARVATION_STEPS`` steps goes back to arrival order. A sibling of an ``n > 1``
         request waits until the first sibling has computed the prompt's full blocks, then
-        finds them in the prefix cache instead of computing its own copy."""
+        finds them in the prefix cache instead of computing its own copy. A request
+        whose grammar (structured outputs) is still compiling waits; others go ahead."""
         hits: dict[int, list[int]] = {}
 
         def hit(r: Request) -> list[int]:
@@ -142,6 +143,8 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if self._sibling_computing_prompt(req):
+                continue
+            if req.grammar is not None and not req.grammar.ready():
                 continue
             hit_blocks = hit(req)
             hit_tokens = len(hit_blocks) * self.kv.block_size

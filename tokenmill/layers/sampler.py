@@ -2,7 +2,10 @@
 
 Order of operations (vLLM's): logprobs are taken from the raw model distribution; then
 the logits are processed: ``min_tokens`` bans stop tokens, ``logit_bias`` is added,
-repetition/presence/frequency penalties are applied. Greedy rows take the argmax of that.
+repetition/presence/frequency penalties are applied; rows with a grammar (structured
+outputs) get their token bitmask, which sets every token the grammar forbids to -inf (if
+the other processing left a grammar row with no token at all, e.g. min_tokens banning the
+EOS that a finished grammar requires, the grammar wins). Greedy rows take the argmax of that.
 Random rows are divided by their temperature, filtered by min_p, top-k and top-p, and
 sampled by the exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` draws a token with
 probability ``p``. A request with a seed draws its ``E`` from its own generator, so its
@@ -48,6 +51,7 @@ class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0) -> None:
         self.vocab_size = vocab_size
         self.generator = torch.Generator().manual_seed(seed)
+        self._bitmask: torch.Tensor | None = None  # reused across steps, grown as needed
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         """logits: [R, V] float32, row i belonging to ``requests[i]``."""
@@ -56,7 +60,11 @@ class Sampler:
         want_lp = [r.sampling_params.logprobs for r in requests]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if any(k is not None for k in want_lp) else None)
+        raw = logits
         logits = self._process(logits.clone(), requests)
+        grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if grammar_rows:
+            self._apply_grammars(logits, raw, requests, grammar_rows)
 
         greedy = [r.sampling_params.sampling_type == SamplingType.GREEDY for r in requests]
         tokens = logits.argmax(dim=-1)
@@ -83,6 +91,20 @@ class Sampler:
         return SamplerOutput(token_list, sampled_lp, pos_lp)
 
     # ---- logits processing ------------------------------------------------------------
+    def _apply_grammars(self, logits: torch.Tensor, raw: torch.Tensor,
+                        requests: list[Request], rows: list[int]) -> None:
+        backend = requests[rows[0]].grammar.backend
+        if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
+            self._bitmask = backend.allocate_bitmask(max(logits.shape[0], 8))
+        backend.fill_bitmask([requests[i].grammar.matcher for i in rows], self._bitmask, rows)
+        backend.apply_bitmask(logits, self._bitmask, rows)
+        idx = torch.tensor(rows)
+        dead = torch.isneginf(logits[idx]).all(dim=1)
+        if dead.any():
+            for i in idx[dead].tolist():
+                logits[i] = raw[i]
+            backend.apply_bitmask(logits, self._bitmask, idx[dead].tolist())
+
     def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         for i, r in enumerate(requests):
             p = r.sampling_params
