@@ -388,7 +388,9 @@ COMP = {"model": SERVED, "prompt": "hi", "max_tokens": 1}
 CHATB = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
-JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+BAD_SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}
+BAD_TOOL_CHOICE = {"tools": TOOLS,
+                   "tool_choice": {"type": "function", "function": {"name": "nope"}}}
 
 BAD_REQUESTS = [
     ("completions", {"temperature": -1}, "temperature"),
@@ -409,9 +411,10 @@ BAD_REQUESTS = [
     ("chat/completions", {"messages": "hello"}, "messages"),
     ("chat/completions", {"messages": [{"role": "user"}]}, "content"),
     ("chat/completions", {"foo_bar_baz": 1}, "foo_bar_baz"),
-    ("chat/completions", {"tools": TOOLS}, "tools"),
-    ("chat/completions", {"response_format": JSON_SCHEMA}, "response_format"),
-    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", BAD_TOOL_CHOICE, "tool_choice"),
+    ("chat/completions", {"response_format": BAD_SCHEMA}, "response_format"),
+    ("chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("completions", {"guided_regex": "a(b"}, "guided_regex"),
 ]
 
 
@@ -483,7 +486,7 @@ def test_bad_requests_do_not_disturb_a_running_stream(server, client, refs):
                 ("/v1/completions", {**COMP, "temperature": -1}, None),
                 ("/v1/completions", {**COMP, "prompt": "hello " * 600}, None),
                 ("/v1/chat/completions", {**CHATB, "model": "no-such-model"}, None),
-                ("/v1/chat/completions", {**CHATB, "tools": TOOLS}, None)]:
+                ("/v1/chat/completions", {**CHATB, **BAD_TOOL_CHOICE}, None)]:
             statuses.append(post(server, path, payload, content=raw).status_code)
         datas += [line for line in lines if line.startswith("data: ")]
     assert datas[-1] == "data: [DONE]", datas[-3:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -10,9 +11,10 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.tools.prompt import template_messages
 
 Prompt = str | list[int]
-Message = dict[str, str]
+Message = dict[str, Any]
 
 
 class LLM:
@@ -61,17 +63,22 @@ class LLM:
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation or a list of them and
-        generates the assistant's replies."""
+        generates the assistant's replies. ``tools`` (OpenAI function tools) reach the
+        template as transformers passes them, or, for a template that ignores tools, the
+        system message (``tokenmill.tools.prompt``); calls are not parsed here, the server
+        does that (``tokenmill.tools.parser`` parses a reply's text)."""
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer with a chat template.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in conversations:
-            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
-                                           **(chat_template_kwargs or {}))
+            msgs, template_tools = template_messages(conv, tools, tok.chat_template_knows_tools)
+            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
+                                           tools=template_tools, **(chat_template_kwargs or {}))
             # The template already holds any BOS token; do not add another.
             prompts.append(tok.encode(text, add_special_tokens=False))
         outputs = self.generate(prompts, sampling_params, use_tqdm)

@@ -9,7 +9,8 @@
 
 The lifespan starts the engine thread when the server starts and, on shutdown (after
 uvicorn has stopped accepting connections and let the open ones finish), stops it with
-``AsyncEngine.shutdown``. Handlers never call into the engine loop directly: they only
+``AsyncEngine.shutdown``; it also warms up the grammar backend (structured outputs) in the
+background. Handlers never call into the engine loop directly: they only
 tokenize and await ``AsyncEngine.generate``.
 """
 
@@ -84,6 +85,9 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        if engine.engine.tokenizer is not None:
+            # import the grammar library now, not on the first constrained request
+            engine.engine.structured.warm_up()
         yield
         await engine.shutdown(timeout=shutdown_timeout)
 
@@ -134,9 +138,10 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
         if "messages" in body:
             chat_req = TokenizeChatRequest.model_validate(body)
             ctx.check_model(chat_req.model)
+            tools = [t.model_dump(exclude_none=True) for t in chat_req.tools or []] or None
             ids = chat_prompt_ids(tok, chat_req.messages, chat_req.add_generation_prompt,
                                   chat_req.chat_template_kwargs,
-                                  add_special_tokens=chat_req.add_special_tokens)
+                                  add_special_tokens=chat_req.add_special_tokens, tools=tools)
             want_strs = chat_req.return_token_strs
         else:
             req = TokenizeCompletionRequest.model_validate(body)

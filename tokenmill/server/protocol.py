@@ -8,8 +8,11 @@ typo or an unsupported feature is never silently ignored. Three kinds of fields 
 * accepted and ignored: fields the official client or frameworks send that cannot
   change the output (``user``, ``store``, ``metadata``, ``service_tier``, ...);
 * declared but refused: OpenAI features that would change the output and that we do
-  not implement (``tools``, ``response_format`` other than text, ``audio``, ...). They
-  are accepted only with a value that means "off"; anything else is a 400 naming them.
+  not implement (``functions``, ``audio``, ...). They are accepted only with a value that
+  means "off"; anything else is a 400 naming them.
+
+Structured outputs (``response_format``, ``structured_outputs``, ``guided_*``) and tools
+have their shapes in ``protocol_structured.py``.
 
 Responses mirror OpenAI's objects field for field, plus vLLM's ``stop_reason`` (the stop
 string or token id that ended a choice) and ``prompt_logprobs``.
@@ -30,16 +33,21 @@ from pydantic import (
     model_validator,
 )
 
+from tokenmill.server.protocol_structured import (
+    ChatTool,
+    DeltaToolCall,
+    NamedToolChoice,
+    StructuredFields,
+    ToolCall,
+)
+
 Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0)]
 TopN = Annotated[int | None, Field(ge=0, le=20)]
 
 # Field name -> test that its value means "feature off"; any other value is refused.
 _OFF_VALUES: dict[str, Any] = {
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "audio": lambda v: v is None,
     "modalities": lambda v: v is None or list(v) == ["text"],
     "prediction": lambda v: v is None,
@@ -66,7 +74,7 @@ class StreamOptions(OpenAIBaseModel):
     include_obfuscation: bool | None = None  # padding against side channels: ignored
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(StructuredFields, OpenAIBaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
@@ -259,18 +267,18 @@ class ChatCompletionRequest(SamplingRequest):
     store: bool | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    # tools: OpenAI function tools (tool_choice defaults to "auto" when tools are given)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # refused unless "off"
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
@@ -279,9 +287,8 @@ class ChatCompletionRequest(SamplingRequest):
     verbosity: Any = None
 
     _check_off = field_validator(
-        "tools", "tool_choice", "functions", "function_call", "response_format", "audio",
-        "modalities", "prediction", "reasoning_effort", "web_search_options",
-        "verbosity")(_refuse_unless_off)
+        "functions", "function_call", "audio", "modalities", "prediction",
+        "reasoning_effort", "web_search_options", "verbosity")(_refuse_unless_off)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -317,6 +324,14 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_when_present(self, handler) -> dict[str, Any]:
+        out = handler(self)
+        if not self.tool_calls:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -342,11 +357,15 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _drop_unset(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content))
-                if v is not None}
+        out = {k: v for k, v in (("role", self.role), ("content", self.content))
+               if v is not None}
+        if self.tool_calls:
+            out["tool_calls"] = [t.model_dump() for t in self.tool_calls]
+        return out
 
 
 class ChatStreamChoice(BaseModel):
@@ -396,6 +415,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
     return_token_strs: bool = False
 
 

@@ -11,6 +11,10 @@ engine request with ``n`` completions, answered in the chat shapes:
   ``stream_options.include_usage`` every chunk carries ``"usage": null`` and a final
   chunk with ``"choices": []`` carries the usage.
 
+With ``tools`` (and ``tool_choice`` other than none) the template sees the tools, the
+grammar keeps calls valid or forces them, and replies are parsed for calls into
+``message.tool_calls`` / ``delta.tool_calls`` (``chat_tools``).
+
 Logprobs use the chat shape: ``logprobs.content`` is one entry per generated token,
 ``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]}`` with the
 ``top_logprobs`` most likely tokens.
@@ -27,6 +31,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from tokenmill.outputs import PositionLogprobs, RequestOutput
+from tokenmill.server.chat_tools import ToolDeltaStream, finish_reason, tool_reply
 from tokenmill.server.errors import invalid_request
 from tokenmill.server.protocol import (
     ChatChoice,
@@ -48,18 +53,22 @@ from tokenmill.server.serving_completions import (
     usage,
 )
 from tokenmill.server.sse import EngineStreams, EventStreamResponse, sse_frame
+from tokenmill.server.structured import ToolSetup, request_constraint, resolve_tools
 from tokenmill.tokenizer import Tokenizer
+from tokenmill.tools.prompt import template_messages
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage],
                     add_generation_prompt: bool = True,
                     template_kwargs: dict[str, Any] | None = None,
-                    add_special_tokens: bool = False) -> list[int]:
+                    add_special_tokens: bool = False,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of a conversation rendered with the model's chat template."""
+    msgs, tools = template_messages([m.for_template() for m in messages], tools,
+                                    tokenizer.chat_template_knows_tools)
     try:
-        text = tokenizer.apply_chat_template([m.for_template() for m in messages],
-                                             add_generation_prompt=add_generation_prompt,
-                                             **(template_kwargs or {}))
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
+                                             tools=tools, **(template_kwargs or {}))
     except ValueError as e:  # no template, or the template rejected the conversation
         raise invalid_request(str(e), "messages") from e
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -89,33 +98,42 @@ class ChatHandler:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
         ctx.check_request(req.model, req.stream, req.prompt_logprobs)
+        tools = resolve_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
+                              request_constraint(req))
         ids = chat_prompt_ids(ctx.tokenizer, req.messages, req.add_generation_prompt,
-                              req.chat_template_kwargs)
+                              req.chat_template_kwargs, tools=tools.template_tools)
         ctx.check_token_ids(ids, "messages")
         kwargs = req.sampling_kwargs()
         kwargs["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = ctx.make_params(kwargs, len(ids), max_tokens, "messages")
+        params = ctx.make_params(kwargs, len(ids), max_tokens, "messages", tools.constraint)
+        await ctx.check_constraint(tools.constraint)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await ctx.start(request_id, [ids], [params], req.priority)
         if req.stream:
-            return EventStreamResponse(self._frames(req, request_id, streams), streams)
+            return EventStreamResponse(self._frames(req, tools, request_id, streams),
+                                       streams)
         out = (await ctx.run(raw, streams))[0]
-        return json_response(self._response(req, request_id, out))
+        return json_response(self._response(req, tools, request_id, out))
 
-    def _response(self, req: ChatCompletionRequest, request_id: str,
+    def _response(self, req: ChatCompletionRequest, tools: ToolSetup, request_id: str,
                   out: RequestOutput) -> ChatCompletionResponse:
-        choices = [ChatChoice(
-            index=o.index, message=ChatResponseMessage(content=o.text),
-            logprobs=(chat_logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0)
-                      if req.logprobs else None),
-            finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in out.outputs]
+        choices = []
+        for o in out.outputs:
+            content, calls = tool_reply(o.text, tools) if tools.parse_calls else (o.text, [])
+            choices.append(ChatChoice(
+                index=o.index, message=ChatResponseMessage(content=content,
+                                                           tool_calls=calls or None),
+                logprobs=(chat_logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0)
+                          if req.logprobs else None),
+                finish_reason=finish_reason(o.finish_reason, bool(calls)),
+                stop_reason=o.stop_reason))
         return ChatCompletionResponse(
             id=request_id, model=self.ctx.model_name, choices=choices, usage=usage([out]),
             prompt_logprobs=(prompt_logprobs_json(out.prompt_logprobs)
                              if req.prompt_logprobs is not None else None))
 
-    async def _frames(self, req: ChatCompletionRequest, request_id: str,
+    async def _frames(self, req: ChatCompletionRequest, tools: ToolSetup, request_id: str,
                       streams: EngineStreams) -> AsyncIterator[str]:
         created = int(time.time())
         exclude = None if req.include_usage else {"usage"}
@@ -131,6 +149,7 @@ class ChatHandler:
         sent_text = [0] * req.n
         sent_tokens = [0] * req.n
         done = [False] * req.n
+        parsers = [ToolDeltaStream(tools) for _ in range(req.n)] if tools.parse_calls else []
         last: RequestOutput | None = None
         async for _, out in streams:
             last = out
@@ -138,18 +157,27 @@ class ChatHandler:
                 j = o.index
                 if done[j]:
                     continue
-                text, new_ids = o.text[sent_text[j]:], o.token_ids[sent_tokens[j]:]
-                if not text and not o.finish_reason and not (req.logprobs and new_ids):
+                new_ids = o.token_ids[sent_tokens[j]:]
+                calls: list = []
+                reason = o.finish_reason
+                if parsers:
+                    text, calls = parsers[j].update(o.text, reason is not None)
+                    reason = finish_reason(reason, parsers[j].made_calls)
+                else:
+                    text = o.text[sent_text[j]:]
+                if (not text and not calls and not reason
+                        and not (req.logprobs and new_ids)):
                     continue
                 logprobs = None
                 if req.logprobs:
                     entries = (o.logprobs or [])[sent_tokens[j]:len(o.token_ids)]
                     logprobs = chat_logprobs(new_ids, entries, req.top_logprobs or 0)
                 sent_text[j], sent_tokens[j] = len(o.text), len(o.token_ids)
-                done[j] = o.finish_reason is not None
-                delta = DeltaMessage(content=text if text or not done[j] else None)
+                done[j] = reason is not None
+                delta = DeltaMessage(content=text if text or not (done[j] or calls) else None,
+                                     tool_calls=calls or None)
                 yield frame(ChatStreamChoice(index=j, delta=delta, logprobs=logprobs,
-                                             finish_reason=o.finish_reason,
+                                             finish_reason=reason,
                                              stop_reason=o.stop_reason))
         if req.include_usage and last is not None:
             chunk = ChatCompletionChunk(id=request_id, created=created,

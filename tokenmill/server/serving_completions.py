@@ -17,6 +17,7 @@ concatenated deltas are the non-streamed text.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -45,6 +46,7 @@ from tokenmill.server.protocol import (
     UsageInfo,
 )
 from tokenmill.server.sse import EngineStreams, EventStreamResponse, sse_frame, until_disconnected
+from tokenmill.server.structured import Constraint, request_constraint
 from tokenmill.tokenizer import Tokenizer
 
 
@@ -99,13 +101,15 @@ class ServingContext:
                                   f"[0, {vocab}).", param)
 
     def make_params(self, kwargs: dict[str, Any], prompt_len: int, max_tokens: int | None,
-                    param: str) -> SamplingParams:
+                    param: str, constraint: Constraint | None = None) -> SamplingParams:
         """SamplingParams with ``max_tokens`` resolved against the context, or a 400."""
         limit = self.max_model_len
         if prompt_len >= limit:
             raise context_length_exceeded(limit, prompt_len, None, param)
         if max_tokens is not None and prompt_len + max_tokens > limit:
             raise context_length_exceeded(limit, prompt_len, max_tokens, param)
+        if constraint is not None:
+            kwargs = {**kwargs, "structured_outputs": constraint.params}
         try:
             params = SamplingParams(**kwargs, max_tokens=max_tokens or limit - prompt_len)
         except ValueError as e:
@@ -115,6 +119,17 @@ class ServingContext:
             if ids:
                 self.check_token_ids(ids, field)
         return params
+
+    async def check_constraint(self, constraint: Constraint | None) -> None:
+        """Parses the constraint (and starts compiling it) off the event loop; a 400 naming
+        the field it came from if it is invalid."""
+        if constraint is None:
+            return
+        structured = self.engine.engine.structured
+        try:
+            await asyncio.to_thread(structured.grammar_for, constraint.params)
+        except ValueError as e:
+            raise invalid_request(f"{constraint.param}: {e}", constraint.param) from e
 
     async def start(self, request_id: str, prompts: list[list[int]],
                     params: list[SamplingParams], priority: int) -> EngineStreams:
@@ -178,8 +193,10 @@ class CompletionHandler:
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
         ctx.check_request(req.model, req.stream, req.prompt_logprobs)
+        constraint = request_constraint(req)
         prompts = [self._tokenize(p) for p in req.prompts()]
-        params = [self._params(req, len(ids)) for _, ids in prompts]
+        params = [self._params(req, len(ids), constraint) for _, ids in prompts]
+        await ctx.check_constraint(constraint)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await ctx.start(request_id, [ids for _, ids in prompts], params,
                                   req.priority)
@@ -199,12 +216,13 @@ class CompletionHandler:
         self.ctx.check_token_ids(prompt, "prompt")
         return tok.decode(prompt, skip_special_tokens=False), list(prompt)
 
-    def _params(self, req: CompletionRequest, prompt_len: int) -> SamplingParams:
+    def _params(self, req: CompletionRequest, prompt_len: int,
+                constraint: Constraint | None) -> SamplingParams:
         kwargs = req.sampling_kwargs()
         kwargs["logprobs"] = req.logprobs
         if req.echo and req.logprobs is not None:
             kwargs["prompt_logprobs"] = max(req.logprobs, req.prompt_logprobs or 0)
-        return self.ctx.make_params(kwargs, prompt_len, req.max_tokens, "prompt")
+        return self.ctx.make_params(kwargs, prompt_len, req.max_tokens, "prompt", constraint)
 
     def _logprobs(self, token_ids: list[int], entries: list[PositionLogprobs | None],
                   offset: int) -> tuple[CompletionLogProbs, int]:

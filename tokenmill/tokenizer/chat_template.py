@@ -34,10 +34,12 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplateError", "compile_chat_template", "render_chat_template"]
+__all__ = ["ChatTemplateError", "compile_chat_template", "render_chat_template",
+           "template_variables"]
 
 
 class ChatTemplateError(ValueError):
@@ -100,9 +102,7 @@ class _Namespace(jinja2.utils.Namespace):
             )
 
 
-@lru_cache(maxsize=64)
-def compile_chat_template(template: str) -> jinja2.Template:
-    """Compile ``template`` in the sandbox (cached per template string)."""
+def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
@@ -112,6 +112,22 @@ def compile_chat_template(template: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _Namespace
+    return env
+
+
+@lru_cache(maxsize=64)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables ``template`` reads from its context (``messages``, ``tools``, ...)."""
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template does not compile: {e} (line {e.lineno})") from e
+
+
+@lru_cache(maxsize=64)
+def compile_chat_template(template: str) -> jinja2.Template:
+    """Compile ``template`` in the sandbox (cached per template string)."""
+    env = _environment()
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:

@@ -30,7 +30,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from tokenmill.tokenizer.chat_template import render_chat_template
+from tokenmill.tokenizer.chat_template import render_chat_template, template_variables
 
 __all__ = ["Tokenizer"]
 
@@ -170,6 +170,12 @@ class Tokenizer:
             tools=tools,
             **{**special, **kwargs},
         )
+
+    @property
+    def chat_template_knows_tools(self) -> bool:
+        """True if the chat template reads ``tools`` (renders a tool list for the model)."""
+        return self.chat_template is not None and "tools" in template_variables(
+            self.chat_template)
 
     def _token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.backend.id_to_token(token_id)
