@@ -5,28 +5,26 @@ A GGUF checkpoint stores most matrices as Q4_0, Q4_1 or Q8_0 blocks of 32 weight
 matrix from the loader to the layers unchanged; ``PackedWeight`` is what a linear layer
 or the embedding holds after loading; ``packed_linear`` multiplies by it:
 
-* up to ``KERNEL_MAX_ROWS`` rows (decode steps, the sampled rows of the LM head): the C
-  kernel ``tm_gemm`` reads the compressed bytes once. A CPU decode step is bound by how
-  many weight bytes it reads, so this is the main speed-up of the CPU path;
-* more rows (prefill chunks, large batches): compute-bound, where the BLAS GEMM blocks
-  far better than our kernel: decode the matrix to float32 into a scratch buffer and
-  multiply it by the activations rounded exactly as the kernel rounds them.
+the C kernel ``tm_gemm`` reads the compressed bytes once per 4 rows of activations. A CPU
+decode step is bound by how many weight bytes it reads, so this is the main speed-up of
+the CPU path; for prefill chunks (hundreds of rows) it keeps up with decoding the matrix
+to float32 and calling BLAS (``python bench/packed_linear.py``), so it is used for every
+row count.
 
 Numerics (llama.cpp's): the weights are used exactly as stored, the activations are
 rounded to 8 bits per block of 32 (one float scale per block), so each block's product
-is an exact integer dot product. Both paths compute the same products (they differ only
-in float32 summation order, like BLAS at different batch sizes). ``--quantization none``
-dequantizes at load and runs float32 instead (the path that matches transformers to
-float rounding).
+is an exact integer dot product. Each output row is summed in the same order whatever
+the number of rows, so a sequence's numbers, hence its greedy tokens, do not depend on
+what else is in the batch (an earlier BLAS path above 64 rows summed in another order and
+broke that). ``--quantization none`` dequantizes at load and runs float32 instead (the
+path that matches transformers to float rounding).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tokenmill.kernels.cpu import kernels
 from tokenmill.loader.gguf_dequant import dequantize
@@ -35,9 +33,6 @@ from tokenmill.loader.gguf_dequant import dequantize
 PACKED_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}  # Q4_0, Q4_1, Q8_0
 QTYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 BLOCK = 32
-# Up to this many rows the kernel matches or beats decode + BLAS on the default model's
-# matrices (`python bench/packed_linear.py` prints both; measured on a 2-core Zen 1 VM).
-KERNEL_MAX_ROWS = 64
 
 
 @dataclass
@@ -118,28 +113,12 @@ class PackedWeight:
         return self.data.numel()
 
 
-_scratch = threading.local()
-
-
-def _decode_scratch(numel: int) -> torch.Tensor:
-    """One float32 buffer per thread, reused by every large-batch product (one matrix at
-    a time), so a prefill never holds more than one decoded matrix."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
-
-
 def packed_linear(x: torch.Tensor, weight: PackedWeight,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for x of shape [..., in_features]; float32 math, x's dtype out."""
     n, k = weight.shape
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    if x2.shape[0] <= KERNEL_MAX_ROWS:
-        y = kernels().gemm(weight.qtype, x2, weight.data, n)
-    else:
-        w = weight.dequantize(out=_decode_scratch(n * k).view(n, k))
-        y = F.linear(kernels().round_activations(x2), w)
+    y = kernels().gemm(weight.qtype, x2, weight.data, n)
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).view(*x.shape[:-1], n)

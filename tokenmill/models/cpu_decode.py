@@ -2,7 +2,7 @@
 
 At batch 1 a layer is ~0.5 ms of arithmetic and, called from Python, as much again in
 dispatch: about fifteen module calls, tensor views and ctypes calls. For steps made only
-of decodes (one new token per sequence, at most ``KERNEL_MAX_ROWS`` of them), this path
+of decodes (one new token per sequence), this path
 hands the whole layer to C: the same kernels in the same order as the Python layer code
 (packed matmuls, fused RMSNorm, in-place rotary, paged decode attention, SiLU-and-mul),
 so the hidden states are bit-identical to it. Everything else (prefill chunks, float
@@ -15,7 +15,6 @@ import torch
 
 from tokenmill.distributed import tp_size
 from tokenmill.layers.attention import AttentionMetadata, CPUAttentionBackend
-from tokenmill.layers.quantization import KERNEL_MAX_ROWS
 
 
 class CPUDecodePath:
@@ -55,7 +54,7 @@ class CPUDecodePath:
 
     @staticmethod
     def applies(x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        return (not meta.prefills and 0 < x.shape[0] <= KERNEL_MAX_ROWS
+        return (not meta.prefills and x.shape[0] > 0
                 and meta.num_decodes == x.shape[0] and x.dtype == torch.float32)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor,
