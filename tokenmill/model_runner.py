@@ -113,6 +113,7 @@ class ModelRunner:
             row += q
 
         decode_table, decode_mask, decode_lens = self._decode_tables(decode_reqs)
+        prefill_rows, prefill_table, prefill_lens = self._prefill_tables(out, prefills)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping).to(self.device),
             prefills=prefills,
@@ -122,10 +123,33 @@ class ModelRunner:
             decode_seq_lens=decode_lens,
             num_decodes=len(decode_rows),
             block_size=self.block_size,
+            prefill_rows=prefill_rows,
+            prefill_block_table=prefill_table,
+            prefill_seq_lens=prefill_lens,
         )
         return (torch.tensor(ids, dtype=torch.long, device=self.device),
                 torch.cat(positions).to(self.device), meta, logit_rows, sampled, sample_idx,
                 prompt_lp)
+
+    def _prefill_tables(self, out: SchedulerOutput, prefills: list[PrefillSegment]):
+        """For each prefill row: its row in the batch, its request's block table (padded)
+        and the number of positions it attends to."""
+        if not prefills:
+            return None, None, None
+        segs = [(s.request, s.request.num_computed_tokens, s.num_new_tokens)
+                for s in out.scheduled if s.num_new_tokens > 1]
+        max_blocks = -(-max(c + q for _, c, q in segs) // self.block_size)
+        num_rows = sum(q for _, _, q in segs)
+        table = torch.zeros(num_rows, max_blocks, dtype=torch.long)
+        lens = torch.empty(num_rows, dtype=torch.long)
+        i = 0
+        for req, c, q in segs:  # the prefill segments, in the order of ``prefills``
+            n = -(-(c + q) // self.block_size)
+            table[i: i + q, :n] = torch.tensor(req.block_ids[:n], dtype=torch.long)
+            lens[i: i + q] = torch.arange(c + 1, c + q + 1)
+            i += q
+        rows = torch.cat([torch.arange(p.start, p.start + p.query_len) for p in prefills])
+        return rows.to(self.device), table.to(self.device), lens.to(self.device)
 
     def _decode_tables(self, reqs: list[Request]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -43,6 +43,12 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor   # [num_decodes] int64, cached tokens incl. this one
     num_decodes: int
     block_size: int
+    # every prefill row as if it were a decode: its request's block table and the number
+    # of positions it attends to (its position + 1), for backends that read the paged
+    # cache per query row (CPUAttentionBackend)
+    prefill_rows: torch.Tensor | None = None         # [P] rows of the flat batch
+    prefill_block_table: torch.Tensor | None = None  # [P, max_blocks]
+    prefill_seq_lens: torch.Tensor | None = None     # [P]
 
 
 class AttentionBackend(ABC):
@@ -102,12 +108,33 @@ class TorchSDPABackend(AttentionBackend):
 
 
 class CPUAttentionBackend(TorchSDPABackend):
-    """The reference backend with decodes done by a C kernel that reads the paged cache in
-    place (``tm_paged_decode_attention``): no gathered copy of the blocks, no padding to
-    the longest sequence, no mask. For float32 caches on the CPU."""
+    """Every query row, prefill or decode, attended by one C kernel that reads the paged
+    cache in place (``tm_paged_decode_attention``): no gathered copy of the blocks, no
+    padding to the longest sequence, no mask. For float32 caches on the CPU.
+
+    A prefill row at position p is computed exactly as a decode at position p would be:
+    the same operations in the same order over the same cached keys. So a token's
+    attention output, hence the sequence's greedy tokens, does not depend on whether its
+    prompt came in one piece, in chunks, or partly from the prefix cache, nor on what else
+    is in the batch (SDPA over a whole segment sums in another order than over a chunk
+    with cached context)."""
 
     def __init__(self, kernels) -> None:
         self.kernels = kernels
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        if meta.prefills:
+            rows = meta.prefill_rows
+            out[rows] = self.kernels.paged_decode_attention(
+                q[rows].contiguous(), k_cache, v_cache, meta.prefill_block_table,
+                meta.prefill_seq_lens, meta.block_size, scale)
+        if meta.num_decodes:
+            out[meta.decode_rows] = self.decode(q[meta.decode_rows], k_cache, v_cache, meta,
+                                                scale)
+        return out
 
     def decode(self, q, k_cache, v_cache, meta, scale):
         return self.kernels.paged_decode_attention(
