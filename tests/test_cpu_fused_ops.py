@@ -54,3 +54,23 @@ def test_fused_ops_refuse_unsuitable_tensors():
     assert fused_kernels(torch.randn(2, 4, dtype=torch.bfloat16)) is None
     assert fused_kernels(torch.randn(4, 2).t()) is None  # not contiguous
     assert fused_kernels(torch.randn(2, 2, 2)) is None
+
+
+@pytest.mark.parametrize("vocab,width", [(1000, 1000), (1000, 1024), (49152, 49152)])
+def test_token_bitmask_kernel_matches_xgrammar(vocab, width):
+    """Structured outputs' mask: same -inf entries as xgrammar's own CPU implementation,
+    only on the listed rows, padding columns beyond the vocabulary untouched."""
+    xgr = pytest.importorskip("xgrammar")
+    g = torch.Generator().manual_seed(vocab)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, -(-vocab // 32)), dtype=torch.int32,
+                            generator=g)
+    bitmask[2, ::3] = -1  # words with every token allowed
+    bitmask[4] = 0         # a row with nothing allowed
+    logits = torch.randn(6, width, generator=g)
+    want, got = logits.clone(), logits.clone()
+    rows = [0, 2, 4, 5]
+    xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab, indices=rows)
+    kernels().apply_token_bitmask(got, bitmask, torch.tensor(rows), vocab)
+    assert torch.equal(got, want)
+    assert torch.equal(got[[1, 3]], logits[[1, 3]])
+    assert torch.isneginf(got[4, :vocab]).all()

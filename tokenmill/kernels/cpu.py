@@ -30,7 +30,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 
 
 def _cpu_id() -> str:
@@ -75,6 +75,7 @@ class CPUKernels:
         lib.tm_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
         lib.tm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
         lib.tm_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
+        lib.tm_apply_token_bitmask.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64]
         f32, c_int = ctypes.c_float, ctypes.c_int
         lib.tm_decode_layer.argtypes = [
             i64, i64, i64, i64, i64, i64,            # T, H, NH, KVH, D, I
@@ -145,6 +146,15 @@ class CPUKernels:
         (row-contiguous); cos/sin tables [max_pos, head_dim / 2], positions int64 [T]."""
         self.lib.tm_rope(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim,
                          positions.data_ptr(), cos.data_ptr(), sin.data_ptr())
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
+                            rows: torch.Tensor, vocab: int) -> None:
+        """In place: ``logits[r, t] = -inf`` where bit t of ``bitmask[r]`` is 0, for r in
+        ``rows`` (int64). logits float32 [R, >= vocab] with unit column stride; bitmask
+        int32 [>= R, ceil(vocab / 32)] contiguous."""
+        self.lib.tm_apply_token_bitmask(logits.data_ptr(), logits.stride(0),
+                                        bitmask.data_ptr(), bitmask.shape[1], rows.data_ptr(),
+                                        rows.numel(), vocab)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         t, w = x.shape

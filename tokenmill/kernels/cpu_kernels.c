@@ -20,11 +20,12 @@
  *
  *   tm_gemm(qtype, x[M,K], w, N, y[M,N]):  y = x @ W^T, parallel over output rows (OpenMP,
  *       sharing the runtime torch loaded), 4 activation rows per pass over a weight row.
- *   tm_round_activations(x[M,K], out): x rounded as tm_gemm rounds it (large batches
- *       multiply it by the decoded matrix with BLAS; tests use it as the reference).
+ *   tm_round_activations(x[M,K], out): x rounded as tm_gemm rounds it (the reference
+ *       of the tests).
  *   tm_dequant(qtype, w, N, K, out[N,K]): the weights as float32.
  *   tm_paged_decode_attention(...), fused element-wise ops, tm_decode_layer (a whole
- *       decoder layer for decode steps): see their comments below.
+ *       decoder layer for decode steps), tm_apply_token_bitmask (structured outputs):
+ *       see their comments below.
  *
  * Built at run time by tokenmill/kernels/cpu.py with the machine's C compiler
  * (-O3 -march=native -fopenmp). AVX2+FMA+F16C code where the compiler targets them,
@@ -46,7 +47,7 @@
 
 enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
 
-int tm_abi_version(void) { return 3; }
+int tm_abi_version(void) { return 4; }
 int tm_has_avx2(void) { return TM_AVX2; }
 
 TM_INLINE int block_bytes(int qtype) {
@@ -509,4 +510,23 @@ int tm_decode_layer(int64_t T, int64_t H, int64_t NH, int64_t KVH, int64_t D, in
 done:
     free(h), free(big), free(q), free(att);
     return rc;
+}
+
+/* ---- Structured outputs: logits[rows[i], t] = -inf where bit t of bitmask[rows[i]] is 0
+ * (32 tokens per int32 word, lowest bit first: xgrammar's layout). Rows whose words are
+ * all ones (everything allowed) cost one comparison per 32 tokens. ---- */
+void tm_apply_token_bitmask(float *logits, int64_t logits_stride, const int32_t *bitmask,
+                            int64_t words, const int64_t *rows, int64_t n, int64_t vocab) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float *row = logits + rows[i] * logits_stride;
+        const int32_t *mask = bitmask + rows[i] * words;
+        for (int64_t w = 0; w < words && w * 32 < vocab; w++) {
+            const uint32_t bits = (uint32_t)mask[w];
+            if (bits == 0xFFFFFFFFu) continue;
+            const int64_t end = w * 32 + 32 < vocab ? 32 : vocab - w * 32;
+            for (int64_t b = 0; b < end; b++)
+                if (!((bits >> b) & 1u)) row[w * 32 + b] = -INFINITY;
+        }
+    }
 }

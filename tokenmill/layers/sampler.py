@@ -98,12 +98,15 @@ class Sampler:
             self._bitmask = backend.allocate_bitmask(max(logits.shape[0], 8))
         backend.fill_bitmask([requests[i].grammar.matcher for i in rows], self._bitmask, rows)
         backend.apply_bitmask(logits, self._bitmask, rows)
-        idx = torch.tensor(rows)
-        dead = torch.isneginf(logits[idx]).all(dim=1)
-        if dead.any():
-            for i in idx[dead].tolist():
+        # only the min_tokens ban sets -inf before this point, so only its rows can have
+        # lost every token the grammar allows
+        banned = [i for i in rows
+                  if requests[i].num_output_tokens < requests[i].sampling_params.min_tokens]
+        dead = [i for i in banned if torch.isneginf(logits[i]).all()]
+        if dead:
+            for i in dead:
                 logits[i] = raw[i]
-            backend.apply_bitmask(logits, self._bitmask, idx[dead].tolist())
+            backend.apply_bitmask(logits, self._bitmask, dead)
 
     def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         for i, r in enumerate(requests):

@@ -26,6 +26,7 @@ import jsonschema
 import torch
 import xgrammar as xgr
 
+from tokenmill.kernels.cpu import kernels
 from tokenmill.structured.backend import GrammarBackend, GrammarMatcher
 from tokenmill.structured.params import StructuredOutputsParams
 from tokenmill.tokenizer import Tokenizer
@@ -98,7 +99,6 @@ class XGrammarBackend(GrammarBackend):
             add_prefix_space=meta["add_prefix_space"])
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=compile_threads)
-        self._batch = xgr.BatchGrammarMatcher(max_threads=compile_threads)
 
     # ---- parse and compile -------------------------------------------------------------
     def parse(self, params: StructuredOutputsParams) -> xgr.Grammar:
@@ -144,13 +144,19 @@ class XGrammarBackend(GrammarBackend):
 
     def fill_bitmask(self, matchers: list[GrammarMatcher], bitmask: torch.Tensor,
                      rows: list[int]) -> None:
-        if len(matchers) == 1:
-            matchers[0].matcher.fill_next_token_bitmask(bitmask, rows[0])
-            return
-        self._batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], bitmask,
-                                                  rows)
+        # one by one: xgrammar's BatchGrammarMatcher (a thread pool) measured 2x slower
+        # at batch 32 on 2 cores, where torch's threads already hold the cores
+        for m, row in zip(matchers, rows, strict=True):
+            m.matcher.fill_next_token_bitmask(bitmask, row)
 
     def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor,
                       rows: list[int]) -> None:
+        k = kernels()
+        if (k is not None and logits.device.type == "cpu" and logits.dtype == torch.float32
+                and logits.stride(1) == 1 and bitmask.is_contiguous()):
+            # ~20x faster than xgrammar's CPU path on a 32 x 49k batch (3-5 ms -> 0.2 ms)
+            k.apply_token_bitmask(logits, bitmask, torch.tensor(rows, dtype=torch.long),
+                                  self.vocab_size)
+            return
         xgr.apply_token_bitmask_inplace(logits, bitmask[: logits.shape[0]],
                                         vocab_size=self.vocab_size, indices=rows)
