@@ -93,3 +93,30 @@ def test_bad_requests_fail_before_queueing_and_the_queue_has_a_limit(tiny_model_
     assert refused and served
     assert all(r[-1].outputs[0].finish_reason == "length" for r in served)
     assert ok[-1].finished
+
+
+def test_from_flags_builds_the_engine_in_its_thread(tiny_model_dir):
+    """The engine thread builds the engine (so it is the only thread doing parallel work);
+    a failure to build is raised to the caller, and no thread is left behind."""
+    import threading
+
+    built_in = []
+    from tokenmill.engine import engine as engine_module
+    original = engine_module.Engine.__init__
+
+    def spy(self, *args, **kwargs):
+        built_in.append(threading.current_thread().name)
+        original(self, *args, **kwargs)
+
+    engine_module.Engine.__init__ = spy
+    try:
+        engine = make(tiny_model_dir)
+    finally:
+        engine_module.Engine.__init__ = original
+    assert built_in == ["tokenmill-engine"] and engine.is_running
+    asyncio.run(engine.shutdown())
+    with pytest.raises((ValueError, OSError)):
+        AsyncEngine.from_flags(model=str(tiny_model_dir("llama")) + "-missing",
+                               skip_tokenizer_init=True, show_progress=False)
+    assert not any(t.name == "tokenmill-engine" and t.is_alive()
+                   for t in threading.enumerate())
