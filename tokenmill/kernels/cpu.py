@@ -30,7 +30,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 
 
 def _cpu_id() -> str:

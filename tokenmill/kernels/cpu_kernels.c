@@ -47,7 +47,7 @@
 
 enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
 
-int tm_abi_version(void) { return 4; }
+int tm_abi_version(void) { return 5; }
 int tm_has_avx2(void) { return TM_AVX2; }
 
 TM_INLINE int block_bytes(int qtype) {
@@ -336,11 +336,121 @@ int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
 }
 
 /* Decode attention straight from the paged KV cache (float32), one query token per
- * sequence: out[s, h] = softmax(scale * q[s, h] . K_s^T) V_s over the seq_lens[s] cached
- * positions of sequence s, found through its block table (position t lives in slot
+ * row: out[s, h] = softmax(scale * q[s, h] . K_s^T) V_s over the seq_lens[s] cached
+ * positions of row s, found through its block table (position t lives in slot
  * table[t / block_size] * block_size + t % block_size). Query heads h share KV head
- * h / (H / KVH) (grouped-query attention). Parallel over (sequence, query head); nothing is
- * gathered or padded, so a step costs what its sequences' lengths cost. */
+ * h / (H / KVH) (grouped-query attention). Parallel over (row, query head); nothing is
+ * gathered or padded, so a step costs what its rows' lengths cost. Prefill rows use it
+ * too (a row per position, seq_lens = position + 1): each (row, head) is computed by the
+ * same code in the same order whatever the other rows are, so a position's output does
+ * not depend on how the prompt was split into steps.
+ *
+ * With AVX2 and D % 8 == 0: dot products as 8-wide FMA chains in a fixed order, the
+ * exponentials by a vectorized polynomial (Cephes' expf, ~1 ulp), V accumulated in
+ * registers 64 dims at a time and scaled by 1/sum at the end. Otherwise plain C. */
+#if TM_AVX2
+/* e^x for x <= 0 (softmax arguments), 8 at a time; 0 below -87. */
+TM_INLINE __m256 exp_neg_ps(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                         _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+/* One (row, head): scores (len rounded up to 8, scratch) -> softmax -> o. */
+static void attend_avx2(const float *qh, const float *k_cache, const float *v_cache,
+                        const int64_t *table, int64_t len, int64_t KVH, int64_t kvh,
+                        int64_t D, int64_t block_size, float scale, float *scores, float *o) {
+    const int64_t stride = KVH * D;
+    float mx = -INFINITY;
+    for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+        const int64_t base = table[t0 / block_size] * block_size;
+        const int64_t end = t0 + block_size < len ? t0 + block_size : len;
+        for (int64_t t = t0; t < end; t++) {
+            const float *kv = k_cache + (base + t - t0) * stride + kvh * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int64_t d = 0;
+            for (; d + 16 <= D; d += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kv + d), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), _mm256_loadu_ps(kv + d + 8),
+                                     a1);
+            }
+            if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kv + d), a0);
+            const float sc = hsum(_mm256_add_ps(a0, a1)) * scale;
+            scores[t] = sc;
+            mx = sc > mx ? sc : mx;
+        }
+    }
+    const int64_t padded = (len + 7) & ~(int64_t)7;
+    for (int64_t t = len; t < padded; t++) scores[t] = -INFINITY;
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < padded; t += 8) {
+        const __m256 e = exp_neg_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + t), vmx));
+        _mm256_storeu_ps(scores + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum(vsum));
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int64_t width = D - d0 < 64 ? D - d0 : 64;  /* a multiple of 8 */
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+            const int64_t base = table[t0 / block_size] * block_size;
+            const int64_t end = t0 + block_size < len ? t0 + block_size : len;
+            for (int64_t t = t0; t < end; t++) {
+                const float *vv = v_cache + (base + t - t0) * stride + kvh * D + d0;
+                const __m256 p = _mm256_broadcast_ss(scores + t);
+                for (int i = 0; i < width / 8; i++)
+                    acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * i), acc[i]);
+            }
+        }
+        for (int i = 0; i < width / 8; i++)
+            _mm256_storeu_ps(o + d0 + 8 * i, _mm256_mul_ps(acc[i], inv));
+    }
+}
+#endif
+
+static void attend_scalar(const float *qh, const float *k_cache, const float *v_cache,
+                          const int64_t *table, int64_t len, int64_t KVH, int64_t kvh,
+                          int64_t D, int64_t block_size, float scale, float *scores,
+                          float *o) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        const int64_t slot = table[t / block_size] * block_size + t % block_size;
+        const float *kv = k_cache + (slot * KVH + kvh) * D;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < D; d++) dot += qh[d] * kv[d];
+        scores[t] = dot * scale;
+        mx = scores[t] > mx ? scores[t] : mx;
+    }
+    for (int64_t t = 0; t < len; t++) {
+        scores[t] = expf(scores[t] - mx);
+        sum += scores[t];
+    }
+    const float inv = 1.0f / sum;
+    memset(o, 0, (size_t)D * sizeof(float));
+    for (int64_t t = 0; t < len; t++) {
+        const int64_t slot = table[t / block_size] * block_size + t % block_size;
+        const float *vv = v_cache + (slot * KVH + kvh) * D;
+        const float p = scores[t] * inv;
+        for (int64_t d = 0; d < D; d++) o[d] += p * vv[d];
+    }
+}
+
 int tm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                               const int64_t *block_table, int64_t max_blocks,
                               const int64_t *seq_lens, int64_t n, int64_t H, int64_t KVH,
@@ -352,14 +462,15 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
     {
         float *scores = NULL;
         int64_t cap = 0;
-        /* one job per (sequence, query head): more, smaller jobs than per KV head, so a
-         * single sequence still spreads over the threads */
+        /* one job per (row, query head): more, smaller jobs than per KV head, so a single
+         * sequence still spreads over the threads */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t job = 0; job < n * H; job++) {
             const int64_t s = job / H, h = job % H, kvh = h / group, len = seq_lens[s];
-            if (len > cap) {
+            const int64_t need = (len + 7) & ~(int64_t)7;
+            if (need > cap) {
                 free(scores);
-                cap = len;
+                cap = need;
                 scores = (float *)malloc((size_t)cap * sizeof(float));
             }
             if (!scores) {
@@ -371,29 +482,15 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
             const int64_t *table = block_table + s * max_blocks;
             const float *qh = q + (s * H + h) * D;
             float *o = out + (s * H + h) * D;
-            float mx = -INFINITY, sum = 0.0f;
-            for (int64_t t = 0; t < len; t++) {
-                const int64_t slot = table[t / block_size] * block_size + t % block_size;
-                const float *kv = k_cache + (slot * KVH + kvh) * D;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; d++) dot += qh[d] * kv[d];
-                scores[t] = dot * scale;
-                mx = scores[t] > mx ? scores[t] : mx;
+#if TM_AVX2
+            if (D % 8 == 0) {
+                attend_avx2(qh, k_cache, v_cache, table, len, KVH, kvh, D, block_size, scale,
+                            scores, o);
+                continue;
             }
-            for (int64_t t = 0; t < len; t++) {
-                scores[t] = expf(scores[t] - mx);
-                sum += scores[t];
-            }
-            const float inv = 1.0f / sum;
-            memset(o, 0, (size_t)D * sizeof(float));
-            for (int64_t t = 0; t < len; t++) {
-                const int64_t slot = table[t / block_size] * block_size + t % block_size;
-                const float *vv = v_cache + (slot * KVH + kvh) * D;
-                const float p = scores[t] * inv;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) o[d] += p * vv[d];
-            }
+#endif
+            attend_scalar(qh, k_cache, v_cache, table, len, KVH, kvh, D, block_size, scale,
+                          scores, o);
         }
         free(scores);
     }
