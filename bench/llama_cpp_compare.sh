@@ -22,6 +22,9 @@
 #      writing OUT_DIR/<server>_c<C>.json and .png, then stops the server and records its
 #      peak RSS (VmHWM) in OUT_DIR/rss.txt.
 #   3. Prints a table: output tok/s, p50 TTFT, mean TPOT, single-stream decode tok/s.
+#   With ROUNDS=N the servers take turns N times (files <server>_r<i>_c<C>.json), so a
+#   machine whose speed drifts (this one's does, by up to 1.5x within minutes) hits them
+#   alike.
 #
 # Fairness notes: EOS is banned through logit_bias (both servers honour it), so both
 # generate exactly OUTPUT_LEN tokens; temperature 0 (greedy). llama-cpp-python defaults to
@@ -46,6 +49,7 @@
 #   BAN_IDS=0,2 (SmolLM2's <|endoftext|> and <|im_end|>)   CONCURRENCIES="1 32"
 #   TM_ARGS=""   extra flags for `tokenmill serve`
 #   LC_ARGS=""   extra flags for `llama_cpp.server`
+#   ROUNDS=1     how many times the servers take turns
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,6 +66,7 @@ BAN_IDS=${BAN_IDS:-0,2}
 CONCURRENCIES=${CONCURRENCIES:-"1 32"}
 TM_ARGS=${TM_ARGS:-}
 LC_ARGS=${LC_ARGS:-}
+ROUNDS=${ROUNDS:-1}
 MODEL=${MODEL:-$("$PYTHON" -c \
     "from tokenmill.loader.default_model import default_model_path; print(default_model_path())")}
 OUT=${1:-bench/results/$(date +%Y%m%d-%H%M%S)}
@@ -100,7 +105,7 @@ fi
 "$LLAMA_VENV/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 
 run_workload() {  # NAME PORT EXTRA_BENCH_ARGS...
-    local name=$1 port=$2
+    local name=$1$SUFFIX port=$2
     shift 2
     for c in $CONCURRENCIES; do
         local n=$(( c > 8 ? c : 8 ))
@@ -114,6 +119,9 @@ run_workload() {  # NAME PORT EXTRA_BENCH_ARGS...
         | tee -a "$OUT/rss.txt"
 }
 
+for round in $(seq 1 "$ROUNDS"); do
+SUFFIX=""
+[[ "$ROUNDS" -gt 1 ]] && SUFFIX="_r$round"
 echo "== 2a. llama.cpp server on port $LC_PORT"
 # shellcheck disable=SC2086
 "$LLAMA_VENV/bin/python" -m llama_cpp.server --model "$MODEL" --n_threads "$THREADS" \
@@ -142,20 +150,24 @@ wait_ready "http://127.0.0.1:$TM_PORT" 300
 run_workload tokenmill "$TM_PORT"
 stop_server
 
+done
+
 echo "== 3. summary ($OUT)"
 "$PYTHON" - "$OUT" $CONCURRENCIES <<'EOF'
 import json, os, sys
 out, concurrencies = sys.argv[1], sys.argv[2:]
-print(f"{'server':<10}{'conc':>5}{'out tok/s':>11}{'p50 TTFT ms':>13}{'mean TPOT ms':>14}"
+print(f"{'server':<16}{'conc':>5}{'out tok/s':>11}{'p50 TTFT ms':>13}{'mean TPOT ms':>14}"
       f"{'decode tok/s':>14}{'in len':>8}{'ok/fail':>9}")
-for name in ("llamacpp", "llamaserver", "tokenmill"):
+names = sorted({f.rsplit("_c", 1)[0] for f in os.listdir(out) if f.endswith(".json")},
+               key=lambda n: (n.split("_r")[-1] if "_r" in n else "", n))
+for name in names:
     for c in concurrencies:
         path = os.path.join(out, f"{name}_c{c}.json")
         if not os.path.exists(path):
             continue
         m = json.load(open(path))["metrics"]
         decode = 1000 / m["mean_tpot_ms"] if m["mean_tpot_ms"] else 0.0
-        print(f"{name:<10}{c:>5}{m['output_throughput']:>11.1f}{m['p50_ttft_ms']:>13.0f}"
+        print(f"{name:<16}{c:>5}{m['output_throughput']:>11.1f}{m['p50_ttft_ms']:>13.0f}"
               f"{m['mean_tpot_ms']:>14.1f}{decode:>14.1f}{m['mean_input_len']:>8.0f}"
               f"{m['completed']:>5}/{m['failed']}")
 EOF

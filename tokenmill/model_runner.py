@@ -66,16 +66,17 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(cfg.vocab_size, seed)
 
-    def _slots(self, req: Request, start: int, end: int) -> torch.Tensor:
+    def _slots(self, req: Request, start: int, end: int) -> list[int]:
         """Cache slots of positions [start, end) of a request, from its block table."""
-        pos = torch.arange(start, end)
-        table = torch.tensor(req.block_ids, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+        bs, table = self.block_size, req.block_ids
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def prepare(self, out: SchedulerOutput):
+        # Plain Python lists, turned into tensors once per step: at batch 1 a decode step
+        # is a few ms, and per-request tensor ops were a tenth of it.
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
         prefills: list[PrefillSegment] = []
         decode_rows: list[int] = []
         decode_reqs: list[Request] = []
@@ -86,11 +87,14 @@ class ModelRunner:
         row = 0
         for s in out.scheduled:
             req, c, q = s.request, s.request.num_computed_tokens, s.num_new_tokens
-            tokens = req.all_token_ids[c: c + q] if c + q > req.num_prompt_tokens else \
-                req.prompt_token_ids[c: c + q]
-            ids.extend(tokens)
-            positions.append(torch.arange(c, c + q))
-            slot_mapping.append(self._slots(req, c, c + q))
+            if q == 1:
+                ids.append(req.token_at(c))
+            elif c + q > req.num_prompt_tokens:
+                ids.extend(req.all_token_ids[c: c + q])
+            else:
+                ids.extend(req.prompt_token_ids[c: c + q])
+            positions.extend(range(c, c + q))
+            slot_mapping.extend(self._slots(req, c, c + q))
             if q == 1:
                 decode_rows.append(row)
                 decode_reqs.append(req)
@@ -98,7 +102,8 @@ class ModelRunner:
                 prefills.append(PrefillSegment(row, q, 0, None, None))
             else:
                 mask = torch.ones(q, c + q, dtype=torch.bool).tril(diagonal=c)
-                prefills.append(PrefillSegment(row, q, c, self._slots(req, 0, c + q), mask))
+                prefills.append(PrefillSegment(row, q, c, torch.tensor(self._slots(req, 0, c + q)),
+                                               mask))
             if req.wants_prompt_logprobs:
                 # logits at position p predict prompt token p + 1
                 first = max(c, len(req.prompt_logprobs) - 1)
@@ -115,7 +120,7 @@ class ModelRunner:
         decode_table, decode_mask, decode_lens = self._decode_tables(decode_reqs)
         prefill_rows, prefill_table, prefill_lens = self._prefill_tables(out, prefills)
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping).to(self.device),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=self.device),
             decode_block_table=decode_table,
@@ -128,7 +133,8 @@ class ModelRunner:
             prefill_seq_lens=prefill_lens,
         )
         return (torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.cat(positions).to(self.device), meta, logit_rows, sampled, sample_idx,
+                torch.tensor(positions, dtype=torch.long, device=self.device), meta, logit_rows,
+                sampled, sample_idx,
                 prompt_lp)
 
     def _prefill_tables(self, out: SchedulerOutput, prefills: list[PrefillSegment]):
@@ -160,10 +166,11 @@ class ModelRunner:
             return empty, empty.bool(), torch.empty(0, dtype=torch.long)
         lens = [r.num_computed_tokens + 1 for r in reqs]
         max_blocks = -(-max(lens) // self.block_size)
-        table = torch.zeros(len(reqs), max_blocks, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            n = -(-lens[i] // self.block_size)
-            table[i, :n] = torch.tensor(r.block_ids[:n], dtype=torch.long)
+        rows = []
+        for r, n_tokens in zip(reqs, lens, strict=True):
+            n = -(-n_tokens // self.block_size)
+            rows.append(r.block_ids[:n] + [0] * (max_blocks - n))
+        table = torch.tensor(rows, dtype=torch.long)
         width = max_blocks * self.block_size
         lens_t = torch.tensor(lens, dtype=torch.long)
         mask = torch.arange(width).unsqueeze(0) < lens_t.unsqueeze(1)

@@ -118,8 +118,8 @@ class Sampler:
                 if banned:
                     logits[i, list(banned)] = float("-inf")
             if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias.keys()))
-                logits[i, ids] += torch.tensor(list(p.logit_bias.values()))
+                ids, values = _bias_tensors(p)
+                logits[i, ids] += values
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 self._apply_penalties(logits[i], r)
         return logits
@@ -153,6 +153,16 @@ class Sampler:
         for i, r in enumerate(requests):
             noise[i].exponential_(generator=r.generator or self.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _bias_tensors(p) -> tuple[torch.Tensor, torch.Tensor]:
+    """A request's logit_bias as (token ids, values) tensors, built on its first step."""
+    cached = getattr(p, "_bias_tensors", None)
+    if cached is None:
+        cached = (torch.tensor(list(p.logit_bias.keys())),
+                  torch.tensor(list(p.logit_bias.values())))
+        p._bias_tensors = cached
+    return cached
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
