@@ -553,8 +553,8 @@ def test_twenty_concurrent_streaming_clients(server):
 
 def test_client_disconnect_mid_stream_frees_everything(server):
     assert wait_idle(server) == (0, 0, 0)
-    body = {"model": SERVED, "prompt": PROMPT, "max_tokens": 300, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {"model": SERVED, "prompt": PROMPT, "max_tokens": MAX_MODEL_LEN - 20,
+            "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=60) as c, \
             c.stream("POST", server.base_url + "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -569,19 +569,20 @@ def test_client_disconnect_mid_stream_frees_everything(server):
         running, waiting, kv = load(server)
         assert running == 1 and kv is not None and kv > 0, (running, waiting, kv)
     # Connection closed: the request must be aborted and its blocks freed at once
-    # (300 tokens would otherwise take minutes here).
-    state = wait_idle(server, timeout=10)
-    assert state == (0, 0, 0), f"(running, waiting, kv usage) 10 s after disconnect: {state}"
+    # (~490 tokens would otherwise take several seconds).
+    state = wait_idle(server, timeout=1.5)
+    assert state == (0, 0, 0), f"(running, waiting, kv usage) 1.5 s after disconnect: {state}"
 
 
 def test_non_streaming_client_timeout_aborts_the_request(server):
     assert wait_idle(server) == (0, 0, 0)
-    body = {"model": SERVED, "prompt": PROMPT, "max_tokens": 400, "temperature": 0,
-            "ignore_eos": True}
+    # ~490 tokens: several seconds even on a fast day (7-8 ms a token here), 1 s timeout
+    body = {"model": SERVED, "prompt": PROMPT, "max_tokens": MAX_MODEL_LEN - 20,
+            "temperature": 0, "ignore_eos": True}
 
     def call() -> str:
         try:
-            httpx.post(server.base_url + "/v1/completions", json=body, timeout=3.0)
+            httpx.post(server.base_url + "/v1/completions", json=body, timeout=1.0)
             return "completed"
         except httpx.ReadTimeout:
             return "timed out"
@@ -591,8 +592,8 @@ def test_non_streaming_client_timeout_aborts_the_request(server):
         started = wait_until(lambda: (load(server)[0] or 0) >= 1, timeout=3, interval=0.1)
         assert fut.result() == "timed out"
     assert started, "the request never showed up in num_requests_running"
-    state = wait_idle(server, timeout=10)
-    assert state == (0, 0, 0), f"(running, waiting, kv usage) 10 s after client gave up: {state}"
+    state = wait_idle(server, timeout=1.5)
+    assert state == (0, 0, 0), f"(running, waiting, kv usage) 1.5 s after client gave up: {state}"
 
 
 # ----------------------------------------------------------------------------- metrics
