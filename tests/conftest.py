@@ -9,6 +9,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run under Triton's interpreter (CPU tensors). The choice is
+# made when triton and each kernel are first imported, so it is set here, before any test
+# imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             initializer_range=0.1)

@@ -118,7 +118,7 @@ class ModelRunner:
             row += q
 
         decode_table, decode_mask, decode_lens = self._decode_tables(decode_reqs)
-        prefill_rows, prefill_table, prefill_lens = self._prefill_tables(out, prefills)
+        seg_table, prefill_rows, row_seg, prefill_lens = self._prefill_tables(out, prefills)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
             prefills=prefills,
@@ -128,8 +128,9 @@ class ModelRunner:
             decode_seq_lens=decode_lens,
             num_decodes=len(decode_rows),
             block_size=self.block_size,
+            prefill_seg_table=seg_table,
             prefill_rows=prefill_rows,
-            prefill_block_table=prefill_table,
+            prefill_row_seg=row_seg,
             prefill_seq_lens=prefill_lens,
         )
         return (torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -138,24 +139,25 @@ class ModelRunner:
                 prompt_lp)
 
     def _prefill_tables(self, out: SchedulerOutput, prefills: list[PrefillSegment]):
-        """For each prefill row: its row in the batch, its request's block table (padded)
-        and the number of positions it attends to."""
+        """The prefill segments' block tables (padded), and for each prefill row: its row
+        in the batch, its segment, and the number of positions it attends to."""
         if not prefills:
-            return None, None, None
+            return None, None, None, None
         segs = [(s.request, s.request.num_computed_tokens, s.num_new_tokens)
-                for s in out.scheduled if s.num_new_tokens > 1]
+                for s in out.scheduled if s.num_new_tokens > 1]  # in the order of prefills
         max_blocks = -(-max(c + q for _, c, q in segs) // self.block_size)
-        num_rows = sum(q for _, _, q in segs)
-        table = torch.zeros(num_rows, max_blocks, dtype=torch.long)
-        lens = torch.empty(num_rows, dtype=torch.long)
-        i = 0
-        for req, c, q in segs:  # the prefill segments, in the order of ``prefills``
+        tables, rows, row_seg, lens = [], [], [], []
+        for i, ((req, c, q), seg) in enumerate(zip(segs, prefills, strict=True)):
             n = -(-(c + q) // self.block_size)
-            table[i: i + q, :n] = torch.tensor(req.block_ids[:n], dtype=torch.long)
-            lens[i: i + q] = torch.arange(c + 1, c + q + 1)
-            i += q
-        rows = torch.cat([torch.arange(p.start, p.start + p.query_len) for p in prefills])
-        return rows.to(self.device), table.to(self.device), lens.to(self.device)
+            tables.append(req.block_ids[:n] + [0] * (max_blocks - n))
+            rows.extend(range(seg.start, seg.start + q))
+            row_seg.extend([i] * q)
+            lens.extend(range(c + 1, c + q + 1))
+
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        return tensor(tables), tensor(rows), tensor(row_seg), tensor(lens)
 
     def _decode_tables(self, reqs: list[Request]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -43,12 +43,13 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor   # [num_decodes] int64, cached tokens incl. this one
     num_decodes: int
     block_size: int
-    # every prefill row as if it were a decode: its request's block table and the number
-    # of positions it attends to (its position + 1), for backends that read the paged
-    # cache per query row (CPUAttentionBackend)
-    prefill_rows: torch.Tensor | None = None         # [P] rows of the flat batch
-    prefill_block_table: torch.Tensor | None = None  # [P, max_blocks]
-    prefill_seq_lens: torch.Tensor | None = None     # [P]
+    # the prefill segments' block tables (in the order of ``prefills``), and every prefill
+    # row as if it were a decode: its segment and the number of positions it attends to
+    # (its position + 1), for backends that read the paged cache per query row
+    prefill_seg_table: torch.Tensor | None = None  # [num_prefills, max_blocks]
+    prefill_rows: torch.Tensor | None = None       # [P] rows of the flat batch
+    prefill_row_seg: torch.Tensor | None = None    # [P] index into prefill_seg_table
+    prefill_seq_lens: torch.Tensor | None = None   # [P]
 
 
 class AttentionBackend(ABC):
@@ -128,9 +129,10 @@ class CPUAttentionBackend(TorchSDPABackend):
         out = torch.empty_like(q)
         if meta.prefills:
             rows = meta.prefill_rows
+            table = meta.prefill_seg_table.index_select(0, meta.prefill_row_seg)
             out[rows] = self.kernels.paged_decode_attention(
-                q[rows].contiguous(), k_cache, v_cache, meta.prefill_block_table,
-                meta.prefill_seq_lens, meta.block_size, scale)
+                q[rows].contiguous(), k_cache, v_cache, table, meta.prefill_seq_lens,
+                meta.block_size, scale)
         if meta.num_decodes:
             out[meta.decode_rows] = self.decode(q[meta.decode_rows], k_cache, v_cache, meta,
                                                 scale)
@@ -143,12 +145,19 @@ class CPUAttentionBackend(TorchSDPABackend):
 
 
 def attention_backend(device: str, dtype: torch.dtype) -> AttentionBackend:
-    """The fastest backend for where the KV cache lives."""
+    """The fastest backend for where the KV cache lives: the C kernels on the CPU (float32),
+    the Triton kernels on a GPU, else the torch reference."""
     if device == "cpu" and dtype == torch.float32:
         from tokenmill.kernels.cpu import kernels
 
         if kernels() is not None:
             return CPUAttentionBackend(kernels())
+    if device.startswith("cuda"):
+        try:
+            from tokenmill.layers.triton_attention import TritonAttentionBackend
+        except ImportError:  # no triton: the reference backend still works on the GPU
+            return TorchSDPABackend()
+        return TritonAttentionBackend()
     return TorchSDPABackend()
 
 
