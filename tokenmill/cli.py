@@ -40,6 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "lpm"],
                    help="lpm: among equal priorities, longest cached prefix first")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -49,7 +50,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_batched_tokens=a.max_num_batched_tokens,
                 enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed,
                 enable_prefix_caching=not a.no_prefix_caching,
-                scheduling_policy=a.scheduling_policy, quantization=a.quantization)
+                scheduling_policy=a.scheduling_policy, quantization=a.quantization,
+                device=a.device)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
