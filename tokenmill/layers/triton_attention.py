@@ -53,6 +53,37 @@ def _store_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride
 
 
 @triton.jit
+def _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit, m_i, l_i, acc, scale,
+                  D: tl.constexpr, KVH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """One step of the online softmax: the rows of ``q`` against KV block ``block`` (the
+    j-th of the sequence), each row seeing positions below its ``limit``; returns the
+    updated running max, sum and accumulator."""
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    slots = block * BLOCK_SIZE + offs_n
+    kv_off = (slots[:, None] * KVH + kvh) * D + offs_d[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    k_pos = j * BLOCK_SIZE + offs_n
+    s = tl.where(k_pos[None, :] < limit[:, None], s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _prefill(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
              tile_seg_ptr, tile_start_ptr, seg_row_ptr, seg_qlen_ptr, seg_ctx_ptr,
              table_ptr, stride_table, stride_qt, stride_qh, stride_ot, stride_oh,
@@ -81,29 +112,11 @@ def _prefill(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last = ctx + tl.minimum(start + BLOCK_M, qlen) - 1  # the tile's last position
-    offs_n = tl.arange(0, BLOCK_SIZE)
+    limit = q_pos + 1  # causal: row r sees positions < q_pos[r] + 1
     for j in range(0, last // BLOCK_SIZE + 1):
         block = tl.load(table_ptr + seg * stride_table + j).to(tl.int64)
-        slots = block * BLOCK_SIZE + offs_n
-        kv_off = (slots[:, None] * KVH + kvh) * D + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        k_pos = j * BLOCK_SIZE + offs_n
-        s = tl.where(k_pos[None, :] <= q_pos[:, None], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit,
+                                      m_i, l_i, acc, scale, D, KVH, BLOCK_SIZE, BLOCK_D, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -136,29 +149,11 @@ def _decode_split(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, table_ptr, lens_ptr
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    offs_n = tl.arange(0, BLOCK_SIZE)
+    limit = tl.zeros([BLOCK_H], tl.int32) + seq_len
     for j in range(first, end):
         block = tl.load(table_ptr + i * stride_table + j).to(tl.int64)
-        slots = block * BLOCK_SIZE + offs_n
-        kv_off = (slots[:, None] * KVH + kvh) * D + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        k_pos = j * BLOCK_SIZE + offs_n
-        s = tl.where(k_pos[None, :] < seq_len, s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit,
+                                      m_i, l_i, acc, scale, D, KVH, BLOCK_SIZE, BLOCK_D, IEEE)
     # partials laid out [decode, query head, split (, D)]
     part = (i * KVH * GROUP + heads) * NUM_SPLITS + split
     tl.store(part_m_ptr + part, m_i, mask=h_mask)

@@ -16,7 +16,7 @@ from typing import Any
 
 from tokenmill.server.errors import invalid_request
 from tokenmill.server.protocol_structured import ChatTool, NamedToolChoice, StructuredFields
-from tokenmill.structured import DEFAULT_MAX_WHITESPACE, StructuredOutputsParams
+from tokenmill.structured import StructuredOutputsParams
 from tokenmill.tools.grammar import ToolChoice, tool_call_constraint
 
 
@@ -45,12 +45,10 @@ def request_constraint(req: StructuredFields) -> Constraint | None:
                                                              "format": rf.format}}))
     so = req.structured_outputs
     if so is not None:
+        # unset fields (None) keep StructuredOutputsParams' defaults
         fields = so.model_dump(by_alias=True, exclude_none=True,
                                exclude={"disable_fallback", "disable_additional_properties",
                                         "backend"})
-        fields.setdefault("max_whitespace", DEFAULT_MAX_WHITESPACE)
-        if "json" in fields:
-            fields["json"] = so.json_
         found.append(("structured_outputs", fields))
     for name, field in (("guided_json", "json"), ("guided_regex", "regex"),
                         ("guided_choice", "choice"), ("guided_grammar", "grammar")):

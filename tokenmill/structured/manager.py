@@ -18,7 +18,6 @@ import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 from tokenmill.structured.backend import GrammarBackend, GrammarMatcher
 from tokenmill.structured.params import StructuredOutputsParams
@@ -116,8 +115,3 @@ class StructuredOutputManager:
                     while len(self._cache) > CACHE_SIZE:
                         self._cache.popitem(last=False)
         return RequestGrammar(future, backend)
-
-    def compile_now(self, params: StructuredOutputsParams) -> Any:
-        """Parses and compiles in the calling thread (benchmarks, tests)."""
-        backend = self.backend
-        return backend.compile(backend.parse(params))
