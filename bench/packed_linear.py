@@ -34,7 +34,9 @@ def timed(fn, reps: int) -> float:
 def random_packed(n: int, k: int, qtype: int) -> torch.Tensor:
     blocks = torch.randint(0, 256, (n, k // 32, PACKED_BLOCK_BYTES[qtype]), dtype=torch.uint8)
     blocks[..., :4] = torch.tensor([0.01, -0.05]).half().view(torch.uint8)  # d (and m)
-    return regroup_rows(qtype, blocks.view(n, -1))
+    w = regroup_rows(qtype, blocks.view(n, -1))
+    kernels().pack_layout(qtype, w, n, k)
+    return w
 
 
 def main() -> None:
@@ -45,7 +47,8 @@ def main() -> None:
     k = kernels()
     if k is None:
         raise SystemExit("the CPU kernels did not build (no C compiler?)")
-    print(f"torch threads: {torch.get_num_threads()}, AVX2 kernels: {k.has_avx2}")
+    print(f"torch threads: {torch.get_num_threads()}, AVX2 kernels: {k.has_avx2}, "
+          f"AVX-512 VNNI kernels: {k.has_vnni}")
     print(f"{'matrix':8} {'M':>4} {'kernel us':>10} {'fp32 BLAS us':>13} {'kernel GB/s':>12}")
     for name, n, kdim, qtype in SHAPES:
         w = random_packed(n, kdim, qtype)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from tokenmill.kernels import cpu
 from tokenmill.kernels.cpu import kernels
 from tokenmill.layers import quantization
 from tokenmill.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
@@ -45,22 +46,29 @@ def packed(t: QuantizedTensor) -> PackedWeight:
     return w
 
 
+# Output widths: 67 rows keep the row layout everywhere; 64 rows are interleaved in groups
+# of 16 where the CPU has AVX-512 VNNI (the other kernel).
+WIDTHS = [67, 64]
+
+
 @pytest.mark.parametrize("qtype", [2, 3, 8])
-def test_dequant_kernel_is_bit_exact(qtype):
-    t = random_blocks(qtype, 37, 96)
+@pytest.mark.parametrize("n", [37, 48])
+def test_dequant_kernel_is_bit_exact(qtype, n):
+    t = random_blocks(qtype, n, 96)
     assert torch.equal(packed(t).dequantize(), dense(t))
 
 
 @pytest.mark.parametrize("qtype", [2, 3, 8])
+@pytest.mark.parametrize("n", WIDTHS)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 64, 65, 130])
-def test_packed_linear_matches_dense(qtype, rows):
+def test_packed_linear_matches_dense(qtype, n, rows):
     """Exact weights times activations rounded per block: the float32 reference is the
     dequantized matrix times the rounded activations."""
-    t = random_blocks(qtype, 67, 160, seed=rows)
-    w = PackedWeight(qtype, 67, 160)
+    t = random_blocks(qtype, n, 160, seed=rows)
+    w = PackedWeight(qtype, n, 160)
     w.copy_rows(0, t)
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(1))
-    bias = torch.randn(67)
+    bias = torch.randn(n)
     got = packed_linear(x, w, bias)
     want = F.linear(kernels().round_activations(x), dense(t), bias)
     # outputs reach ~50; float32 sums in another order differ by ~1e-5 absolute
@@ -71,11 +79,12 @@ def test_packed_linear_matches_dense(qtype, rows):
 
 
 @pytest.mark.parametrize("qtype", [2, 3, 8])
-def test_rows_do_not_depend_on_the_batch(qtype):
+@pytest.mark.parametrize("n", [33, 32])
+def test_rows_do_not_depend_on_the_batch(qtype, n):
     """In the kernel, row i of a batch is bit-identical to row i computed alone (tiles of
     4 and the remainder rows sum in the same order)."""
-    t = random_blocks(qtype, 33, 96, seed=5)
-    w = PackedWeight(qtype, 33, 96)
+    t = random_blocks(qtype, n, 96, seed=5)
+    w = PackedWeight(qtype, n, 96)
     w.copy_rows(0, t)
     x = torch.randn(11, 96, generator=torch.Generator().manual_seed(2))
     together = packed_linear(x, w)
@@ -103,17 +112,35 @@ def test_packed_linear_keeps_leading_dims_and_dtype():
     torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
 
 
-def test_embedding_rows():
-    t = random_blocks(8, 50, 64)
-    w = PackedWeight(8, 50, 64)
+@pytest.mark.parametrize("qtype", [2, 3, 8])
+@pytest.mark.parametrize("n", [50, 48])
+def test_embedding_rows(qtype, n):
+    t = random_blocks(qtype, n, 64)
+    w = PackedWeight(qtype, n, 64)
     w.copy_rows(0, t)
-    ids = torch.tensor([[3, 0], [49, 3]])
+    ids = torch.tensor([[3, 0], [n - 1, 3]])
     assert torch.equal(w.rows(ids), dense(t)[ids])
+    with pytest.raises(IndexError):
+        w.rows(torch.tensor([n]))
 
 
-def test_fused_parts_stay_packed():
-    layer = MergedColumnParallelLinear(64, [16, 24])
-    a, b = random_blocks(3, 16, 64, seed=1), random_blocks(3, 24, 64, seed=2)
+def test_a_matrix_is_used_only_once_every_row_arrived():
+    a, b = random_blocks(3, 16, 64, seed=1), random_blocks(3, 16, 64, seed=2)
+    w = PackedWeight(3, 32, 64)
+    w.copy_rows(16, b)
+    with pytest.raises(RuntimeError, match="before all its rows"):
+        packed_linear(torch.randn(1, 64), w)
+    assert torch.equal(w.dequantize()[16:], dense(b))  # the row layout, read in Python
+    w.copy_rows(0, a)
+    assert w.complete and torch.equal(w.dequantize(), torch.cat([dense(a), dense(b)]))
+    with pytest.raises(RuntimeError, match="already copied"):
+        w.copy_rows(0, a)
+
+
+@pytest.mark.parametrize("sizes", [[16, 24], [16, 32]])
+def test_fused_parts_stay_packed(sizes):
+    layer = MergedColumnParallelLinear(64, sizes)
+    a, b = random_blocks(3, sizes[0], 64, seed=1), random_blocks(3, sizes[1], 64, seed=2)
     layer.weight_loader(layer.weight, b, 1)
     layer.weight_loader(layer.weight, a, 0)
     assert layer.packed is not None and layer.packed.qtype == 3
@@ -149,3 +176,27 @@ def test_without_kernels_weights_load_dense(monkeypatch):
     t = random_blocks(3, 8, 64)
     layer.weight_loader(layer.weight, t)
     assert layer.packed is None and torch.equal(layer.weight, dense(t))
+
+
+def test_the_avx2_build_agrees_with_the_default_one(tmp_path, monkeypatch):
+    """On an AVX-512 VNNI CPU the default build multiplies interleaved groups of 16 rows;
+    a build held to AVX2 keeps the row layout and its own kernel. Both against the same
+    reference (and so against each other), also where the default build interleaves."""
+    k = kernels()
+    if not k.has_avx2:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
+    avx2 = cpu.build_kernels(cpu._ISA_FLAGS["avx2"])
+    assert avx2.has_avx2 and not avx2.has_vnni and not avx2.interleaved(64)
+    for qtype in (2, 3, 8):
+        t = random_blocks(qtype, 64, 160, seed=qtype)
+        x = torch.randn(6, 160, generator=torch.Generator().manual_seed(3))
+        want = F.linear(k.round_activations(x), dense(t))
+        outs = []
+        for lib in (k, avx2):
+            w = quantization.regroup_rows(qtype, t.data)
+            lib.pack_layout(qtype, w, 64, 160)
+            assert torch.equal(lib.dequant(qtype, w, 64, 160), dense(t))
+            outs.append(lib.gemm(qtype, x, w, 64))
+            torch.testing.assert_close(outs[-1], want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-4)

@@ -4,7 +4,9 @@ The C file is compiled with the machine's C compiler (``$CC``, else ``cc``/``gcc
 a shared library cached under ``$TOKENMILL_CACHE_DIR`` (default
 ``~/.cache/tokenmill/kernels``), named by a hash of the source, the flags and the CPU, so
 it is built once per machine (about a second). ``-march=native`` is safe because the
-library never leaves the machine that built it. It is linked with ``-fopenmp`` and loaded
+library never leaves the machine that built it; the C code picks AVX-512 VNNI, AVX2 or
+portable paths from what the compiler targets (``TOKENMILL_KERNEL_ISA=avx2`` holds it to
+AVX2). It is linked with ``-fopenmp`` and loaded
 after torch, so its parallel loops share the OpenMP runtime (and thread count) torch uses.
 
 Without a compiler, or with ``TOKENMILL_NO_KERNELS=1``, ``kernels()`` returns None and
@@ -30,7 +32,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 5
+_ABI_VERSION = 6
 
 
 def _cpu_id() -> str:
@@ -50,11 +52,11 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(cc: str, out: Path) -> None:
+def _build(cc: str, flags: tuple[str, ...], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_lib = Path(tmp) / out.name
-        subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(tmp_lib), "-lm"], check=True,
+        subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp_lib), "-lm"], check=True,
                        capture_output=True, text=True)
         os.replace(tmp_lib, out)  # atomic: concurrent builders never see half a file
 
@@ -67,6 +69,9 @@ class CPUKernels:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.tm_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
         lib.tm_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
+        lib.tm_dequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+        lib.tm_pack_layout.argtypes = [ctypes.c_int, ptr, i64, i64]
+        lib.tm_interleaved.argtypes = [i64]
         lib.tm_round_activations.argtypes = [ptr, i64, i64, ptr]
         lib.tm_paged_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                                   i64, i64, ctypes.c_float, ptr]
@@ -84,11 +89,23 @@ class CPUKernels:
             ptr, ptr, ptr, ptr, ptr, ptr,            # positions, cos, sin, k/v cache, slots
             ptr, i64, ptr, i64, f32]                 # block table, max blocks, lens, bs, scale
         self.has_avx2 = bool(lib.tm_has_avx2())
+        self.has_vnni = bool(lib.tm_has_vnni())
+
+    def pack_layout(self, qtype: int, w: torch.Tensor, n: int, k: int) -> None:
+        """In place: an [n, K] matrix in the regrouped row layout (``regroup_rows``) -> the
+        layout ``gemm`` reads: groups of 16 interleaved rows where the build has AVX-512
+        VNNI and n % 16 == 0, else unchanged (see cpu_kernels.c)."""
+        if self.lib.tm_pack_layout(qtype, w.data_ptr(), n, k):
+            raise RuntimeError(f"tm_pack_layout failed for type {qtype}, K={k}")
+
+    def interleaved(self, n: int) -> bool:
+        """Does ``pack_layout`` interleave a matrix of n rows?"""
+        return bool(self.lib.tm_interleaved(n))
 
     def gemm(self, qtype: int, x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
-        """``x [M, K]`` float32 contiguous, ``w`` an [n, K] matrix in the regrouped row
-        layout (``PackedWeight``); x is rounded to 8 bits per block of 32 on the way
-        (see cpu_kernels.c)."""
+        """``x [M, K]`` float32 contiguous, ``w`` an [n, K] matrix in the kernels' layout
+        (``pack_layout``); x is rounded to 8 bits per block of 32 on the way (see
+        cpu_kernels.c)."""
         m, k = x.shape
         y = torch.empty(m, n, dtype=torch.float32)
         rc = self.lib.tm_gemm(qtype, x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())
@@ -101,6 +118,19 @@ class CPUKernels:
         out = torch.empty_like(x)
         if self.lib.tm_round_activations(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr()):
             raise RuntimeError("tm_round_activations needs K % 32 == 0")
+        return out
+
+    def dequant_rows(self, qtype: int, w: torch.Tensor, n: int, k: int,
+                     ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` (int64) of an [n, k] matrix in the kernels' layout, as float32."""
+        ids = ids.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(ids.numel(), k, dtype=torch.float32)
+        rc = self.lib.tm_dequant_rows(qtype, w.data_ptr(), n, k, ids.data_ptr(), ids.numel(),
+                                      out.data_ptr())
+        if rc == -3:
+            raise IndexError(f"row index out of range [0, {n})")
+        if rc:
+            raise RuntimeError(f"tm_dequant_rows failed ({rc}) for type {qtype}, K={k}")
         return out
 
     def dequant(self, qtype: int, w: torch.Tensor, n: int, k: int,
@@ -163,25 +193,39 @@ class CPUKernels:
         return out
 
 
+# TOKENMILL_KERNEL_ISA=avx2 builds without AVX-512 (the AVX2 kernels on a newer CPU: for
+# comparisons and tests); anything else, or unset, uses everything the CPU has.
+_ISA_FLAGS = {"avx2": ("-mno-avx512f", "-mno-avxvnni")}
+
+
+def build_kernels(extra_flags: tuple[str, ...] = ()) -> CPUKernels:
+    """Compiles (once per source, flags and CPU: cached on disk) and loads the kernels.
+    Raises OSError / CalledProcessError / RuntimeError when that fails."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (install gcc)")
+    flags = (*_FLAGS, *extra_flags)
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cc, *flags)).encode()
+                         + _cpu_id().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TOKENMILL_CACHE_DIR",
+                                Path.home() / ".cache" / "tokenmill")) / "kernels"
+    lib_path = cache / f"cpu_kernels-{key}.so"
+    if not lib_path.exists():
+        _build(cc, flags, lib_path)
+    return CPUKernels(ctypes.CDLL(str(lib_path)))
+
+
 @functools.cache
 def kernels() -> CPUKernels | None:
     """The compiled kernels, or None where they cannot be built (reason logged once)."""
     if os.environ.get("TOKENMILL_NO_KERNELS") == "1":
         return None
-    cc = _compiler()
-    if cc is None:
+    if _compiler() is None:
         logger.warning("No C compiler found: quantized weights are dequantized at load "
                        "(slower, more memory). Install gcc for the CPU kernels.")
         return None
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cc, *_FLAGS)).encode()
-                         + _cpu_id().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("TOKENMILL_CACHE_DIR",
-                                Path.home() / ".cache" / "tokenmill")) / "kernels"
-    lib_path = cache / f"cpu_kernels-{key}.so"
     try:
-        if not lib_path.exists():
-            _build(cc, lib_path)
-        return CPUKernels(ctypes.CDLL(str(lib_path)))
+        return build_kernels(_ISA_FLAGS.get(os.environ.get("TOKENMILL_KERNEL_ISA", ""), ()))
     except (OSError, subprocess.CalledProcessError, RuntimeError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         logger.warning("CPU kernels unavailable (%s): quantized weights are dequantized at "

@@ -42,13 +42,19 @@
 #else
 #define TM_AVX2 0
 #endif
+#if TM_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TM_VNNI 1
+#else
+#define TM_VNNI 0
+#endif
 
 #define TM_INLINE static inline __attribute__((always_inline))
 
 enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
 
-int tm_abi_version(void) { return 5; }
+int tm_abi_version(void) { return 6; }
 int tm_has_avx2(void) { return TM_AVX2; }
+int tm_has_vnni(void) { return TM_VNNI; }
 
 TM_INLINE int block_bytes(int qtype) {
     switch (qtype) {
@@ -110,9 +116,51 @@ TM_INLINE void block_affine(int qtype, wrow r, int64_t b, float *scale, float *o
     *offset = qtype == TM_Q4_1 ? f16_to_f32(r.m[b]) : qtype == TM_Q4_0 ? -8.0f * d : 0.0f;
 }
 
-/* The 32 integers of block b as ints. */
-TM_INLINE void block_ints_scalar(int qtype, wrow r, int64_t b, int q[32]) {
-    const uint8_t *p = r.ints + b * int_bytes(qtype);
+/* ---- Weights for AVX-512 VNNI: groups of 16 rows, interleaved ----
+ * vpdpbusd multiplies 64 unsigned bytes by 64 signed bytes and adds each 4 consecutive
+ * products into one of 16 int32 lanes. With lane r holding 4 weights of row r, one
+ * instruction advances 16 outputs by 4 steps of K against the same 4 activation bytes
+ * (broadcast to every lane); a block takes 8 of them, and its 16 exact integer sums are
+ * scaled by one conversion and one FMA, with no horizontal sums at the end.
+ * So where the build has VNNI and N % 16 == 0, tm_pack_layout stores a matrix as N/16
+ * groups of 16 rows, each group block after block. A block record holds the same bytes
+ * as the 16 rows' blocks (16 * block_bytes):
+ *   Q4_0, Q4_1: 4 chunks of 64 bytes (chunk c, lane r: bytes 4c..4c+3 of row r's block,
+ *               i.e. weights 4c.. in the low nibbles and 16+4c.. in the high ones),
+ *               then the 16 d (fp16), then the 16 m (Q4_1);
+ *   Q8_0:       8 chunks of 64 bytes (chunk c, lane r: weights 4c..4c+3 of row r plus
+ *               128, unsigned, so a product carries 128 * sum(y), subtracted exactly as
+ *               an integer), then the 16 d.
+ * Other matrices (and every matrix of a build without VNNI) keep the row layout. */
+#define TM_GROUP 16
+
+TM_INLINE int interleaved(int64_t N) { return TM_VNNI && N % TM_GROUP == 0; }
+int tm_interleaved(int64_t N) { return interleaved(N); }
+
+/* Block b of row n, in either layout: its integers as the row layout stores them (16
+ * bytes of nibbles, or 32 signed bytes), its scale and offset (w = scale * q + offset). */
+TM_INLINE void load_block(int qtype, const uint8_t *w, int64_t N, int64_t nb, int64_t n,
+                          int64_t b, uint8_t raw[32], float *scale, float *offset) {
+    const int ib = int_bytes(qtype);
+    if (!interleaved(N)) {
+        const wrow r = row_at(qtype, w, n, nb);
+        memcpy(raw, r.ints + b * ib, (size_t)ib);
+        block_affine(qtype, r, b, scale, offset);
+        return;
+    }
+    const int64_t rec_bytes = TM_GROUP * block_bytes(qtype);
+    const uint8_t *rec = w + (n / TM_GROUP) * nb * rec_bytes + b * rec_bytes;
+    const int lane = (int)(n % TM_GROUP), flip = qtype == TM_Q8_0 ? 0x80 : 0;
+    for (int j = 0; j < ib; j++) raw[j] = rec[(j / 4) * 64 + lane * 4 + j % 4] ^ flip;
+    const uint16_t *d = (const uint16_t *)(rec + TM_GROUP * ib);
+    const float dd = f16_to_f32(d[lane]);
+    *scale = dd;
+    *offset = qtype == TM_Q4_1 ? f16_to_f32(d[TM_GROUP + lane])
+              : qtype == TM_Q4_0 ? -8.0f * dd : 0.0f;
+}
+
+/* The 32 integers of a block (bytes as the row layout stores them) as ints. */
+TM_INLINE void block_ints_scalar(int qtype, const uint8_t *p, int q[32]) {
     if (qtype == TM_Q8_0) {
         for (int j = 0; j < 32; j++) q[j] = ((const int8_t *)p)[j];
         return;
@@ -124,13 +172,58 @@ TM_INLINE void block_ints_scalar(int qtype, wrow r, int64_t b, int q[32]) {
 }
 
 /* Row n of W as float32. */
-TM_INLINE void decode_row(int qtype, wrow r, int64_t nb, float *out) {
+TM_INLINE void decode_row(int qtype, const uint8_t *w, int64_t N, int64_t nb, int64_t n,
+                          float *out) {
     for (int64_t b = 0; b < nb; b++) {
         float s, o;
+        uint8_t raw[32];
         int q[32];
-        block_affine(qtype, r, b, &s, &o);
-        block_ints_scalar(qtype, r, b, q);
+        load_block(qtype, w, N, nb, n, b, raw, &s, &o);
+        block_ints_scalar(qtype, raw, q);
         for (int j = 0; j < 32; j++) out[b * 32 + j] = (float)q[j] * s + o;
+    }
+}
+
+/* Row layout -> the interleaved layout, in place, where interleaved(N); else nothing. */
+TM_INLINE int pack_impl(int qtype, uint8_t *w, int64_t N, int64_t K) {
+    if (!block_bytes(qtype) || K % 32) return -1;
+    if (!interleaved(N)) return 0;
+    const int64_t nb = K / 32, ib = int_bytes(qtype), rec_bytes = TM_GROUP * block_bytes(qtype);
+    const int64_t group_bytes = nb * rec_bytes;
+    const int flip = qtype == TM_Q8_0 ? 0x80 : 0;
+    int failed = 0;
+#pragma omp parallel
+    {
+        uint8_t *tmp = (uint8_t *)malloc((size_t)group_bytes);
+        if (!tmp) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < N / TM_GROUP; g++) {
+            if (!tmp) continue;
+            uint8_t *grp = w + g * group_bytes;
+            for (int64_t b = 0; b < nb; b++) {
+                uint8_t *rec = tmp + b * rec_bytes;
+                uint16_t *d = (uint16_t *)(rec + TM_GROUP * ib);
+                for (int r = 0; r < TM_GROUP; r++) {
+                    const wrow row = row_at(qtype, grp, r, nb);
+                    for (int j = 0; j < ib; j++)
+                        rec[(j / 4) * 64 + r * 4 + j % 4] = row.ints[b * ib + j] ^ flip;
+                    d[r] = row.d[b];
+                    if (qtype == TM_Q4_1) d[TM_GROUP + r] = row.m[b];
+                }
+            }
+            memcpy(grp, tmp, (size_t)group_bytes);
+        }
+        free(tmp);
+    }
+    return failed ? -2 : 0;
+}
+
+int tm_pack_layout(int qtype, uint8_t *w, int64_t N, int64_t K) {
+    switch (qtype) {
+    case TM_Q4_0: return pack_impl(TM_Q4_0, w, N, K);
+    case TM_Q4_1: return pack_impl(TM_Q4_1, w, N, K);
+    case TM_Q8_0: return pack_impl(TM_Q8_0, w, N, K);
+    default: return -1;
     }
 }
 
@@ -138,7 +231,8 @@ TM_INLINE void decode_row(int qtype, wrow r, int64_t nb, float *out) {
  * For block b of an activation row: dx = max|x| / 127, y = round(x / dx) in [-127, 127],
  * and sy = dx * sum(y). A weight block (scale d, offset m) then contributes
  *     sum_j (d q_j + m)(dx y_j) = (d dx) sum_j q_j y_j + m sy. */
-TM_INLINE void quantize_act_row(const float *x, int64_t K, int8_t *y, float *dx, float *sy) {
+TM_INLINE void quantize_act_row(const float *x, int64_t K, int8_t *y, float *dx, float *sy,
+                                int32_t *ys) {
     for (int64_t b = 0; b < K / 32; b++) {
         const float *xb = x + b * 32;
         float amax = 0.0f;
@@ -155,6 +249,7 @@ TM_INLINE void quantize_act_row(const float *x, int64_t K, int8_t *y, float *dx,
         }
         dx[b] = d;
         sy[b] = d * (float)sum;
+        if (ys) ys[b] = sum;
     }
 }
 
@@ -245,7 +340,7 @@ TM_INLINE void dot_tile(int qtype, int ROWS, wrow w, int64_t nb, const int8_t *y
         float d, m;
         int q[32];
         block_affine(qtype, w, b, &d, &m);
-        block_ints_scalar(qtype, w, b, q);
+        block_ints_scalar(qtype, w.ints + b * int_bytes(qtype), q);
         for (int r = 0; r < ROWS; r++) {
             const int64_t i = r * nb + b;
             int dot = 0;
@@ -258,6 +353,58 @@ TM_INLINE void dot_tile(int qtype, int ROWS, wrow w, int64_t nb, const int8_t *y
 #endif
 }
 
+#if TM_VNNI
+/* y[m, n0..n0+15] for ROWS consecutive activation rows and one group of 16 weight rows
+ * (interleaved layout). Each row's numbers take the same operations in the same order
+ * whatever ROWS is, so a result never depends on the batch around it. Per block and
+ * row: two chains of 4 vpdpbusd (weight chunks against broadcast activation dwords),
+ * their sum converted to float, times d * dx; offsets m * sy in a second accumulator. */
+TM_INLINE void vnni_tile(int qtype, int ROWS, const uint8_t *grp, int64_t nb, const int8_t *y,
+                         const float *dx, const float *sy, const int32_t *ys, float *out,
+                         int64_t ldo) {
+    const int64_t rec_bytes = TM_GROUP * block_bytes(qtype);
+    const int chunks = int_bytes(qtype) / 4;  /* 64-byte chunks of integers: 4 or 8 */
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[4], off[4];
+    for (int r = 0; r < ROWS; r++) acc[r] = off[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *rec = grp + b * rec_bytes;
+        __m512i wq[8];
+        if (qtype == TM_Q8_0) {
+            for (int c = 0; c < 8; c++) wq[c] = _mm512_loadu_si512(rec + 64 * c);
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m512i raw = _mm512_loadu_si512(rec + 64 * c);
+                wq[c] = _mm512_and_si512(raw, low);
+                wq[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            }
+        }
+        const uint16_t *dm = (const uint16_t *)(rec + 64 * chunks);
+        const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dm));
+        __m512 m16 = _mm512_setzero_ps();
+        if (qtype == TM_Q4_1)
+            m16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + TM_GROUP)));
+        if (qtype == TM_Q4_0) m16 = _mm512_mul_ps(d16, _mm512_set1_ps(-8.0f));
+        for (int r = 0; r < ROWS; r++) {
+            const int64_t i = r * nb + b;
+            const int32_t *ya = (const int32_t *)(y + i * 32);
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[0], _mm512_set1_epi32(ya[0]));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[4], _mm512_set1_epi32(ya[4]));
+            for (int c = 1; c < 4; c++) {
+                s0 = _mm512_dpbusd_epi32(s0, wq[c], _mm512_set1_epi32(ya[c]));
+                s1 = _mm512_dpbusd_epi32(s1, wq[c + 4], _mm512_set1_epi32(ya[c + 4]));
+            }
+            __m512i s = _mm512_add_epi32(s0, s1);
+            if (qtype == TM_Q8_0) s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * ys[i]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d16, _mm512_set1_ps(dx[i])),
+                                     acc[r]);
+            if (qtype != TM_Q8_0) off[r] = _mm512_fmadd_ps(m16, _mm512_set1_ps(sy[i]), off[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(out + r * ldo, _mm512_add_ps(acc[r], off[r]));
+}
+#endif
+
 /* y[M, N] = x[M, K] @ W[N, K]^T with x rounded as above. Returns 0, or -1 for an unknown
  * type or K % 32 != 0, -2 when out of memory. */
 TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w,
@@ -267,26 +414,48 @@ TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const u
     int8_t *yq = (int8_t *)malloc((size_t)(M * K));
     float *dx = (float *)malloc((size_t)(M * nb) * sizeof(float));
     float *sy = (float *)malloc((size_t)(M * nb) * sizeof(float));
-    if (!yq || !dx || !sy) {
-        free(yq), free(dx), free(sy);
+    int32_t *ys = (int32_t *)malloc((size_t)(M * nb) * sizeof(int32_t));
+    if (!yq || !dx || !sy || !ys) {
+        free(yq), free(dx), free(sy), free(ys);
         return -2;
     }
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
-            quantize_act_row(x + m * K, K, yq + m * K, dx + m * nb, sy + m * nb);
+            quantize_act_row(x + m * K, K, yq + m * K, dx + m * nb, sy + m * nb, ys + m * nb);
+#if TM_VNNI
+        if (interleaved(N)) {
+            const int64_t group_bytes = nb * TM_GROUP * block_bytes(qtype);
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const wrow row = row_at(qtype, w, n, nb);
-            int64_t m = 0;
-            for (; m + 4 <= M; m += 4)
-                dot_tile(qtype, 4, row, nb, yq + m * K, dx + m * nb, sy + m * nb, y + m * N + n, N);
-            for (; m < M; m++)
-                dot_tile(qtype, 1, row, nb, yq + m * K, dx + m * nb, sy + m * nb, y + m * N + n, N);
+            for (int64_t g = 0; g < N / TM_GROUP; g++) {
+                const uint8_t *grp = w + g * group_bytes;
+                float *yg = y + g * TM_GROUP;
+                int64_t m = 0;
+                for (; m + 4 <= M; m += 4)
+                    vnni_tile(qtype, 4, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                              ys + m * nb, yg + m * N, N);
+                for (; m < M; m++)
+                    vnni_tile(qtype, 1, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                              ys + m * nb, yg + m * N, N);
+            }
+        } else
+#endif
+        {
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) {
+                const wrow row = row_at(qtype, w, n, nb);
+                int64_t m = 0;
+                for (; m + 4 <= M; m += 4)
+                    dot_tile(qtype, 4, row, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                             y + m * N + n, N);
+                for (; m < M; m++)
+                    dot_tile(qtype, 1, row, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                             y + m * N + n, N);
+            }
         }
     }
-    free(yq), free(dx), free(sy);
+    free(yq), free(dx), free(sy), free(ys);
     return 0;
 }
 
@@ -311,7 +480,7 @@ int tm_round_activations(const float *x, int64_t M, int64_t K, float *out) {
         float dx, sy;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < M * (K / 32); i++) {
-            quantize_act_row(x + i * 32, 32, yq, &dx, &sy);
+            quantize_act_row(x + i * 32, 32, yq, &dx, &sy, NULL);
             for (int j = 0; j < 32; j++) out[i * 32 + j] = dx * (float)yq[j];
         }
     }
@@ -322,7 +491,7 @@ int tm_round_activations(const float *x, int64_t M, int64_t K, float *out) {
 TM_INLINE int dequant_impl(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
     if (!block_bytes(qtype) || K % 32) return -1;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) decode_row(qtype, row_at(qtype, w, n, K / 32), K / 32, out + n * K);
+    for (int64_t n = 0; n < N; n++) decode_row(qtype, w, N, K / 32, n, out + n * K);
     return 0;
 }
 
@@ -331,6 +500,27 @@ int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
     case TM_Q4_0: return dequant_impl(TM_Q4_0, w, N, K, out);
     case TM_Q4_1: return dequant_impl(TM_Q4_1, w, N, K, out);
     case TM_Q8_0: return dequant_impl(TM_Q8_0, w, N, K, out);
+    default: return -1;
+    }
+}
+
+/* out[i, :] = row ids[i] of W [N, K] as float32 (an embedding lookup). Returns -3 for
+ * an id outside [0, N). */
+TM_INLINE int dequant_rows_impl(int qtype, const uint8_t *w, int64_t N, int64_t K,
+                                const int64_t *ids, int64_t n, float *out) {
+    if (!block_bytes(qtype) || K % 32) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N) return -3;
+    for (int64_t i = 0; i < n; i++) decode_row(qtype, w, N, K / 32, ids[i], out + i * K);
+    return 0;
+}
+
+int tm_dequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *ids,
+                    int64_t n, float *out) {
+    switch (qtype) {
+    case TM_Q4_0: return dequant_rows_impl(TM_Q4_0, w, N, K, ids, n, out);
+    case TM_Q4_1: return dequant_rows_impl(TM_Q4_1, w, N, K, ids, n, out);
+    case TM_Q8_0: return dequant_rows_impl(TM_Q8_0, w, N, K, ids, n, out);
     default: return -1;
     }
 }

@@ -85,27 +85,58 @@ def regroup_rows(qtype: int, data: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.reshape(rows, -1) for p in parts], dim=1)
 
 
+def ungroup_rows(qtype: int, data: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``regroup_rows``: the kernels' row layout -> GGUF rows of blocks."""
+    rows, nb = data.shape[0], data.shape[1] // PACKED_BLOCK_BYTES[qtype]
+    ib = 32 if qtype == 8 else 16
+    ints = data[:, :nb * ib].reshape(rows, nb, ib)
+    scales = data[:, nb * ib:].reshape(rows, -1, nb, 2).transpose(1, 2).reshape(rows, nb, -1)
+    return torch.cat([scales, ints], dim=2).reshape(rows, -1)
+
+
 class PackedWeight:
-    """An [out_features, in_features] matrix held as quantized blocks (in the kernels'
-    row layout, see ``regroup_rows``), filled row range by row range as the checkpoint's
-    (possibly fused) parts arrive."""
+    """An [out_features, in_features] matrix held as quantized blocks, filled row range by
+    row range as the checkpoint's (possibly fused) parts arrive, in the row layout of
+    ``regroup_rows``. When the last row has arrived it is put, in place, in the layout the
+    kernels read (``CPUKernels.pack_layout``: 16 rows interleaved where the CPU has AVX-512
+    VNNI); it cannot be used before that."""
 
     def __init__(self, qtype: int, rows: int, cols: int) -> None:
         self.qtype = qtype
         self.shape = (rows, cols)
         self.data = torch.empty(rows, cols // BLOCK * PACKED_BLOCK_BYTES[qtype],
                                 dtype=torch.uint8)
+        self._missing = torch.ones(rows, dtype=torch.bool)  # rows not copied yet
+
+    @property
+    def complete(self) -> bool:
+        return self._missing is None
 
     def copy_rows(self, offset: int, part: QuantizedTensor) -> None:
+        if self._missing is None:
+            raise RuntimeError("every row of this packed matrix was already copied")
         self.data.narrow(0, offset, part.shape[0]).copy_(regroup_rows(self.qtype, part.data))
+        self._missing[offset:offset + part.shape[0]] = False
+        if not self._missing.any():
+            kernels().pack_layout(self.qtype, self.data, *self.shape)
+            self._missing = None
+
+    def _ready(self) -> torch.Tensor:
+        if self._missing is not None:
+            raise RuntimeError(f"packed matrix {self.shape} used before all its rows arrived")
+        return self.data
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The matrix as float32 (rows not copied yet hold garbage)."""
+        if self._missing is not None:  # still in the row layout
+            dense = QuantizedTensor(self.qtype, ungroup_rows(self.qtype, self.data),
+                                    self.shape).dequantize()
+            return dense if out is None else out.copy_(dense)
         return kernels().dequant(self.qtype, self.data, *self.shape, out=out)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 rows ``ids`` (an embedding lookup)."""
-        picked = self.data.index_select(0, ids.reshape(-1))
-        out = kernels().dequant(self.qtype, picked, ids.numel(), self.shape[1])
+        out = kernels().dequant_rows(self.qtype, self._ready(), *self.shape, ids)
         return out.view(*ids.shape, self.shape[1])
 
     @property
@@ -118,7 +149,7 @@ def packed_linear(x: torch.Tensor, weight: PackedWeight,
     """``x @ W^T (+ bias)`` for x of shape [..., in_features]; float32 math, x's dtype out."""
     n, k = weight.shape
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
-    y = kernels().gemm(weight.qtype, x2, weight.data, n)
+    y = kernels().gemm(weight.qtype, x2, weight._ready(), n)
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).view(*x.shape[:-1], n)
