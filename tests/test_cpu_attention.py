@@ -31,13 +31,15 @@ def decode_metadata(lens: list[int], block_size: int, num_blocks: int, gen: torc
         decode_seq_lens=lens_t, num_decodes=len(lens), block_size=block_size)
 
 
+# head sizes: 64 and 128 take the AVX-512 path where the CPU has it, 24 the AVX2 one,
+# 20 the portable one; 32 whichever is widest
+@pytest.mark.parametrize("d", [32, 64, 128, 24, 20])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (9, 3), (8, 1)])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_decode_kernel_matches_sdpa(heads, kv_heads, block_size):
-    gen = torch.Generator().manual_seed(heads * 100 + block_size)
-    lens = [1, block_size, block_size + 1, 37, 64]
+def test_decode_kernel_matches_sdpa(heads, kv_heads, block_size, d):
+    gen = torch.Generator().manual_seed(heads * 100 + block_size + d)
+    lens = [1, block_size, block_size + 1, 15, 16, 17, 37, 64, 203]
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    d = 32
     k_cache = torch.randn(num_blocks * block_size, kv_heads, d, generator=gen)
     v_cache = torch.randn(num_blocks * block_size, kv_heads, d, generator=gen)
     q = torch.randn(len(lens), heads, d, generator=gen)
