@@ -18,7 +18,9 @@
 #        tokenmill:         tokenmill serve --model $MODEL --port $TM_PORT
 #      waits for GET /v1/models, then runs, for each concurrency in $CONCURRENCIES,
 #        tokenmill bench serve --input-len $INPUT_LEN --output-len $OUTPUT_LEN
-#            --ban-token-ids $BAN_IDS --max-concurrency C --num-prompts max(8, C)
+#            --ban-token-ids $BAN_IDS --max-concurrency C --num-prompts max(8, C) --seed C
+#      (a seed per concurrency: the runs send different prompts, so no server reuses
+#      the previous run's cached prompts)
 #      writing OUT_DIR/<server>_c<C>.json and .png, then stops the server and records its
 #      peak RSS (VmHWM) in OUT_DIR/rss.txt.
 #   3. Prints a table: output tok/s, p50 TTFT, mean TPOT, single-stream decode tok/s.
@@ -112,7 +114,7 @@ run_workload() {  # NAME PORT EXTRA_BENCH_ARGS...
         echo "-- $name, concurrency $c, $n prompts"
         "$PYTHON" -m tokenmill bench serve --base-url "http://127.0.0.1:$port" \
             --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --ban-token-ids "$BAN_IDS" \
-            --num-prompts "$n" --max-concurrency "$c" --seed 0 \
+            --num-prompts "$n" --max-concurrency "$c" --seed "$c" \
             --result-json "$OUT/${name}_c$c.json" --plot "$OUT/${name}_c$c.png" "$@"
     done
     echo "$name peak RSS: $(grep VmHWM "/proc/$SERVER_PID/status" | awk '{print $2, $3}')" \
