@@ -64,3 +64,35 @@ def test_abort_frees_blocks_mid_generation(llm):
         engine.add_request([1, 2], request_id="x")
     engine.abort_request("x")
     assert all_free(llm)
+
+
+def test_kv_cache_dtype(tiny_model_dir):
+    """auto: float16 for a GGUF whose weights stay packed on the CPU, else the model's
+    dtype; an explicit float16 cache holds twice the tokens in the same memory and still
+    serves; bad values are refused."""
+    import torch
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.kernels.cpu import kernels
+
+    gguf = EngineConfig.create(model="/m/model.gguf")
+    assert gguf.cache.dtype == (torch.float16 if kernels() else torch.float32)
+    for flags in ({"quantization": "none"}, {"dtype": "bfloat16"},
+                  {"kv_cache_dtype": "float32"}):
+        assert EngineConfig.create(model="/m/model.gguf", **flags).cache.dtype in (
+            torch.float32, torch.bfloat16)
+    assert EngineConfig.create(model="/m/hf-folder").cache.dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig.create(model="/m/hf-folder", kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="for the CPU"):
+        EngineConfig.create(model="/m/hf-folder", device="cuda", kv_cache_dtype="float16")
+    sizes = {}
+    for name in ("float32", "float16"):
+        llm = LLM(tiny_model_dir("llama"), skip_tokenizer_init=True, kv_cache_memory="2MiB",
+                  kv_cache_dtype=name, show_progress=False)
+        assert llm.engine.runner.kv.layers[0][0].dtype == getattr(torch, name)
+        sizes[name] = llm.engine.kv_manager.pool.num_blocks
+        out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8,
+                                                         ignore_eos=True), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 8 and all_free(llm)
+    assert sizes["float16"] == 2 * sizes["float32"]

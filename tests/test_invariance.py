@@ -4,6 +4,7 @@ prefix-cache hits."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.conftest import default_gguf_path, random_prompts
 from tokenmill import LLM, SamplingParams
@@ -81,7 +82,8 @@ def test_default_model_packed_path_is_invariant():
     reference = [run_engine(cold, [p])[0] for p in prompts]  # alone, no cache hits
     assert run_engine(llm, prompts) == reference            # batched
     assert run_engine(llm, prompts) == reference            # again: system prompt cached
-    tight = LLM(kv_cache_memory=24 * 16 * 30 * 2 * 3 * 64 * 4, max_num_batched_tokens=37,
+    assert llm.engine.kv_dtype == torch.float16  # the default cache of a packed GGUF
+    tight = LLM(kv_cache_memory=24 * 16 * 30 * 2 * 3 * 64 * 2, max_num_batched_tokens=37,
                 show_progress=False)                        # 24 blocks: preemption, chunks
     assert run_engine(tight, prompts) == reference
     assert tight.engine.scheduler.num_preemptions > 0

@@ -27,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: GGUF Q4_0/Q4_1/Q8_0 weights stay packed on CPU and C kernels "
                         "multiply them; none: dequantize every weight at load")
     g.add_argument("--kv-cache-memory", default="2GiB", help="KV pool size, e.g. 2GiB")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16", "float32"],
+                   help="auto: float16 for a GGUF whose weights stay packed on CPU (as "
+                        "llama.cpp), else the model dtype")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's, capped by the KV pool)")
@@ -51,7 +54,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed,
                 enable_prefix_caching=not a.no_prefix_caching,
                 scheduling_policy=a.scheduling_policy, quantization=a.quantization,
-                device=a.device)
+                device=a.device, kv_cache_dtype=a.kv_cache_dtype)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

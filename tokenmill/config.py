@@ -30,6 +30,28 @@ def parse_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def parse_kv_cache_dtype(name: str, model: str, model_dtype: torch.dtype, device: str,
+                         quantization: str) -> torch.dtype:
+    """"auto": float16 for a GGUF checkpoint whose weights stay packed on the CPU (what
+    llama.cpp, where such files come from, keeps its cache in; the CPU attention kernel
+    then fetches half the bytes), else the model's dtype. "float16" and "float32" are
+    for the CPU."""
+    if name == "auto":
+        if (device == "cpu" and quantization == "auto" and model.endswith(".gguf")
+                and model_dtype == torch.float32):
+            from tokenmill.kernels.cpu import kernels
+
+            if kernels() is not None:  # else the weights are dequantized at load
+                return torch.float16
+        return model_dtype
+    if name not in ("float16", "float32"):
+        raise ValueError(f"kv_cache_dtype must be auto, float16 or float32; got {name!r}.")
+    if device != "cpu":
+        raise ValueError("kv_cache_dtype float16/float32 is for the CPU; on a GPU the cache "
+                         "keeps the model's dtype (use auto).")
+    return _DTYPES[name]
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -134,6 +156,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: int = 2 * 1024**3
     enable_prefix_caching: bool = True
+    dtype: torch.dtype | None = None  # of the K/V entries; None: the model's dtype
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -203,6 +226,7 @@ class EngineConfig:
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
         quantization: str = "auto",
+        kv_cache_dtype: str = "auto",
     ) -> EngineConfig:
         if model is None:
             from tokenmill.loader.default_model import default_model_path
@@ -214,17 +238,20 @@ class EngineConfig:
             raise ValueError(f"quantization must be 'auto' or 'none', got {quantization!r}.")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}.")
+        model_dtype = parse_dtype(dtype, device)
         return cls(
             model=model,
             tokenizer=tokenizer or model,
-            dtype=parse_dtype(dtype, device),
+            dtype=model_dtype,
             device=device,
             load_format=load_format,
             seed=seed,
             skip_tokenizer_init=skip_tokenizer_init,
             quantization=quantization,
             cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              dtype=parse_kv_cache_dtype(kv_cache_dtype, model, model_dtype,
+                                                         device, quantization)),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_num_seqs=max_num_seqs,

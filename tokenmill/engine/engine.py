@@ -52,17 +52,19 @@ class Engine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
         self.tokenizer = self._load_tokenizer(config)
-        backend = attention_backend(config.device, config.dtype)
+        cc = config.cache
+        self.kv_dtype = cc.dtype or config.dtype
+        backend = attention_backend(config.device, config.dtype, self.kv_dtype)
         model, self.model_config = load_model(config, backend, show_progress)
-        mc, cc = self.model_config, config.cache
-        per_block = mc.kv_bytes_per_token(config.dtype) * cc.block_size
+        mc = self.model_config
+        per_block = mc.kv_bytes_per_token(self.kv_dtype) * cc.block_size
         num_blocks = cc.kv_cache_memory // per_block
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {cc.kv_cache_memory} B holds no KV block "
                              f"({per_block} B each); increase it.")
         self.max_model_len = self._resolve_max_model_len(num_blocks * cc.block_size)
         self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        kv = KVCache(mc, num_blocks, cc.block_size, config.dtype, config.device)
+        kv = KVCache(mc, num_blocks, cc.block_size, self.kv_dtype, config.device)
         self.runner = ModelRunner(model, mc, kv, cc.block_size, config.device, config.seed)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer

@@ -74,7 +74,7 @@ class CPUKernels:
         lib.tm_interleaved.argtypes = [i64]
         lib.tm_round_activations.argtypes = [ptr, i64, i64, ptr]
         lib.tm_paged_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
-                                                  i64, i64, ctypes.c_float, ptr]
+                                                  i64, i64, ctypes.c_float, ptr, ctypes.c_int]
         if lib.tm_abi_version() != _ABI_VERSION:
             raise RuntimeError("stale kernel library")
         lib.tm_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
@@ -87,7 +87,8 @@ class CPUKernels:
             ptr, ptr, c_int, ptr, ptr, f32,          # x, residual, first, ln1, ln2, eps
             c_int, ptr, c_int, ptr, c_int, ptr, c_int, ptr,  # (qtype, weight) x 4
             ptr, ptr, ptr, ptr, ptr, ptr,            # positions, cos, sin, k/v cache, slots
-            ptr, i64, ptr, i64, f32]                 # block table, max blocks, lens, bs, scale
+            ptr, i64, ptr, i64, f32,                 # block table, max blocks, lens, bs, scale
+            c_int]                                   # float16 KV cache
         self.has_avx2 = bool(lib.tm_has_avx2())
         self.has_vnni = bool(lib.tm_has_vnni())
 
@@ -147,14 +148,14 @@ class CPUKernels:
                                v_cache: torch.Tensor, block_table: torch.Tensor,
                                seq_lens: torch.Tensor, block_size: int,
                                scale: float) -> torch.Tensor:
-        """q [n, H, D]; caches [slots, KVH, D] (float32, contiguous); block_table
-        [n, max_blocks] and seq_lens [n] int64. Returns [n, H, D]."""
+        """q [n, H, D] float32; caches [slots, KVH, D] (float32 or float16, contiguous);
+        block_table [n, max_blocks] and seq_lens [n] int64. Returns [n, H, D]."""
         n, h, d = q.shape
         out = torch.empty_like(q)
         rc = self.lib.tm_paged_decode_attention(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_table.data_ptr(),
             block_table.shape[1], seq_lens.data_ptr(), n, h, k_cache.shape[1], d, block_size,
-            scale, out.data_ptr())
+            scale, out.data_ptr(), int(k_cache.dtype == torch.float16))
         if rc:
             raise RuntimeError(f"tm_paged_decode_attention failed ({rc})")
         return out

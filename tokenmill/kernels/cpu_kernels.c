@@ -539,7 +539,8 @@ int tm_dequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int
  * heads of the group at once, so each K/V row is fetched from memory once; see
  * attend_group_512. Measured (2 cores, 32 sequences x 160 positions, 9 heads over 3 KV
  * heads, D = 64, 30 layers' caches): 18.7-21 ms per step per (row, head) job, 8.7-9.2 ms
- * so (~26 GB/s of the cache; the fp32 cache is what bounds it).
+ * so; with the V prefetch 8.3-8.7 ms, float16 caches 6.5-6.9 ms.
+ * The cache is float32, or float16 (kv_f16: converted as it is read, half the bytes).
  * With AVX2 and D % 8 == 0: dot products as 8-wide FMA chains in a fixed order, the
  * exponentials by a vectorized polynomial (Cephes' expf, ~1 ulp), V accumulated in
  * registers 64 dims at a time and scaled by 1/sum at the end. Otherwise plain C. */
@@ -565,25 +566,32 @@ TM_INLINE __m256 exp_neg_ps(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
+/* 8 cached K/V values at p as float32, from a float32 or (F16) a float16 cache. */
+TM_INLINE __m256 kv_load8(const uint8_t *p, int F16) {
+    return F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p))
+               : _mm256_loadu_ps((const float *)p);
+}
+
 /* One (row, head): scores (len rounded up to 8, scratch) -> softmax -> o. */
-static void attend_avx2(const float *qh, const float *k_cache, const float *v_cache,
-                        const int64_t *table, int64_t len, int64_t KVH, int64_t kvh,
-                        int64_t D, int64_t block_size, float scale, float *scores, float *o) {
-    const int64_t stride = KVH * D;
+TM_INLINE void attend_avx2(int F16, const float *qh, const uint8_t *k_cache,
+                           const uint8_t *v_cache, const int64_t *table, int64_t len,
+                           int64_t KVH, int64_t kvh, int64_t D, int64_t block_size,
+                           float scale, float *scores, float *o) {
+    const int64_t stride = KVH * D, ES = F16 ? 2 : 4;
     float mx = -INFINITY;
     for (int64_t t0 = 0; t0 < len; t0 += block_size) {
         const int64_t base = table[t0 / block_size] * block_size;
         const int64_t end = t0 + block_size < len ? t0 + block_size : len;
         for (int64_t t = t0; t < end; t++) {
-            const float *kv = k_cache + (base + t - t0) * stride + kvh * D;
+            const uint8_t *kv = k_cache + ((base + t - t0) * stride + kvh * D) * ES;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             int64_t d = 0;
             for (; d + 16 <= D; d += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kv + d), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8), _mm256_loadu_ps(kv + d + 8),
-                                     a1);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), kv_load8(kv + d * ES, F16), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d + 8),
+                                     kv_load8(kv + (d + 8) * ES, F16), a1);
             }
-            if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(kv + d), a0);
+            if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), kv_load8(kv + d * ES, F16), a0);
             const float sc = hsum(_mm256_add_ps(a0, a1)) * scale;
             scores[t] = sc;
             mx = sc > mx ? sc : mx;
@@ -607,10 +615,10 @@ static void attend_avx2(const float *qh, const float *k_cache, const float *v_ca
             const int64_t base = table[t0 / block_size] * block_size;
             const int64_t end = t0 + block_size < len ? t0 + block_size : len;
             for (int64_t t = t0; t < end; t++) {
-                const float *vv = v_cache + (base + t - t0) * stride + kvh * D + d0;
+                const uint8_t *vv = v_cache + ((base + t - t0) * stride + kvh * D + d0) * ES;
                 const __m256 p = _mm256_broadcast_ss(scores + t);
                 for (int i = 0; i < width / 8; i++)
-                    acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vv + 8 * i), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(p, kv_load8(vv + 8 * i * ES, F16), acc[i]);
             }
         }
         for (int i = 0; i < width / 8; i++)
@@ -658,10 +666,17 @@ TM_INLINE __m512 sum16x16(__m512 p[16]) {
     return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }
 
+/* 16 cached K/V values at p as float32, from a float32 or (F16) a float16 cache. */
+TM_INLINE __m512 kv_load16(const uint8_t *p, int F16) {
+    return F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p))
+               : _mm512_loadu_ps((const float *)p);
+}
+
 /* Scores of NH heads (query rows qg[h * D..], ND = D / 16 vectors each) for 16 positions
  * whose K rows are kp[0..15] (NULL past the end): scores[h * ld + t] (-inf past the end). */
-TM_INLINE void scores16(int NH, int ND, const float *qg, const float *const kp[16],
+TM_INLINE void scores16(int NH, int ND, int F16, const float *qg, const uint8_t *const kp[16],
                         float scale, float *scores, int64_t ld, __m512 *vmx) {
+    const int64_t ES = F16 ? 2 : 4;
     for (int h = 0; h < NH; h++) {
         __m512 q[8], p[16];
         for (int c = 0; c < ND; c++) q[c] = _mm512_loadu_ps(qg + h * ND * 16 + 16 * c);
@@ -669,8 +684,9 @@ TM_INLINE void scores16(int NH, int ND, const float *qg, const float *const kp[1
         for (int t = 0; t < 16; t++) {
             __m512 a = _mm512_setzero_ps();
             if (kp[t]) {
-                a = _mm512_mul_ps(q[0], _mm512_loadu_ps(kp[t]));
-                for (int c = 1; c < ND; c++) a = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(kp[t] + 16 * c), a);
+                a = _mm512_mul_ps(q[0], kv_load16(kp[t], F16));
+                for (int c = 1; c < ND; c++)
+                    a = _mm512_fmadd_ps(q[c], kv_load16(kp[t] + 16 * c * ES, F16), a);
                 valid |= (__mmask16)(1u << t);
             }
             p[4 * (t % 4) + t / 4] = a;
@@ -683,18 +699,27 @@ TM_INLINE void scores16(int NH, int ND, const float *qg, const float *const kp[1
 }
 
 /* o[h] += sum_t p[h][t] V_t for NH heads sharing the V rows (ND vectors of 16 each). */
-TM_INLINE void accumulate_v(int NH, int ND, const float *v_cache, const int64_t *table,
-                            int64_t len, int64_t stride, int64_t block_size,
-                            const float *probs, int64_t ld, const float *inv, float *o) {
+TM_INLINE void accumulate_v(int NH, int ND, int F16, const uint8_t *v_cache,
+                            const int64_t *table, int64_t len, int64_t stride,
+                            int64_t block_size, const float *probs, int64_t ld,
+                            const float *inv, float *o) {
+    const int64_t ES = F16 ? 2 : 4;
     __m512 acc[4][8];
     for (int h = 0; h < NH; h++)
         for (int c = 0; c < ND; c++) acc[h][c] = _mm512_setzero_ps();
     for (int64_t t0 = 0; t0 < len; t0 += block_size) {
-        const float *vb = v_cache + table[t0 / block_size] * block_size * stride;
+        const uint8_t *vb = v_cache + table[t0 / block_size] * block_size * stride * ES;
         const int64_t end = t0 + block_size < len ? block_size : len - t0;
+        if (t0 + block_size < len) {  /* the next block's rows */
+            const uint8_t *nb = v_cache + table[t0 / block_size + 1] * block_size * stride * ES;
+            const int64_t n2 = t0 + 2 * block_size < len ? block_size : len - t0 - block_size;
+            for (int64_t t = 0; t < n2; t++)
+                for (int64_t c = 0; c < 16 * ND * ES; c += 64)
+                    _mm_prefetch((const char *)(nb + t * stride * ES + c), _MM_HINT_T0);
+        }
         for (int64_t t = 0; t < end; t++) {
             __m512 v[8];
-            for (int c = 0; c < ND; c++) v[c] = _mm512_loadu_ps(vb + t * stride + 16 * c);
+            for (int c = 0; c < ND; c++) v[c] = kv_load16(vb + (t * stride + 16 * c) * ES, F16);
             for (int h = 0; h < NH; h++) {
                 const __m512 pt = _mm512_set1_ps(probs[h * ld + t0 + t]);
                 for (int c = 0; c < ND; c++) acc[h][c] = _mm512_fmadd_ps(pt, v[c], acc[h][c]);
@@ -710,36 +735,43 @@ TM_INLINE void accumulate_v(int NH, int ND, const float *v_cache, const int64_t 
  * share the KV head together, so each K and V row is fetched from memory once (the
  * cache is far larger than the CPU's caches: attention is bound by fetching it). Scores
  * 16 positions at a time (one FMA chain per position, the 16 chains summed by one
- * reduction tree), prefetching the next 16 positions' K rows; softmax with exp_neg_512; V accumulated in registers, up to 4 heads per pass. Each
+ * reduction tree); softmax with exp_neg_512; V accumulated in registers, up to 4 heads
+ * per pass. The next 16 positions' K rows and the next block's V rows are prefetched
+ * (the rows of a block are strided and the blocks scattered, so the hardware prefetcher
+ * misses them: 30 layers x 32 sequences x 160 positions took 9.1-10.3 ms with the K
+ * prefetch alone, 8.3-8.7 with both; float16 caches 8.7-9.0 and 6.5-6.9 ms). Each
  * head's numbers take the same operations whatever G, the row and the batch are.
  * qg, o: [G, D]; scores: scratch of G * ld floats, ld = len rounded up to 16. */
-TM_INLINE void attend_group_512(int ND, const float *qg, const float *k_cache,
-                                const float *v_cache, const int64_t *table, int64_t len,
+TM_INLINE void attend_group_512(int ND, int F16, const float *qg, const uint8_t *k_cache,
+                                const uint8_t *v_cache, const int64_t *table, int64_t len,
                                 int64_t KVH, int64_t kvh, int64_t G, int64_t block_size,
                                 float scale, float *scores, float *o) {
     const int64_t D = 16 * ND, stride = KVH * D, ld = (len + 15) & ~(int64_t)15;
-    k_cache += kvh * D;
-    v_cache += kvh * D;
+    const int64_t ES = F16 ? 2 : 4;
+    k_cache += kvh * D * ES;
+    v_cache += kvh * D * ES;
     __m512 vmx[16];
     for (int64_t h = 0; h < G; h++) vmx[h] = _mm512_set1_ps(-INFINITY);
     int64_t blk = 0, off = 0;  /* position t is slot table[blk] * block_size + off */
-    const float *kp[16];
+    const uint8_t *kp[16];
     for (int64_t t0 = 0; t0 < len; t0 += 16) {
         for (int t = 0; t < 16; t++) {
             kp[t] = NULL;
             if (t0 + t < len) {
-                kp[t] = k_cache + (table[blk] * block_size + off) * stride;
+                kp[t] = k_cache + (table[blk] * block_size + off) * stride * ES;
                 if (++off == block_size) blk++, off = 0;
             }
         }
         for (int64_t t = 0, b2 = blk, o2 = off; t < 16 && t0 + 16 + t < len; t++) {
-            const float *next = k_cache + (table[b2] * block_size + o2) * stride;
-            for (int64_t c = 0; c < D; c += 16) _mm_prefetch((const char *)(next + c), _MM_HINT_T0);
+            const uint8_t *next = k_cache + (table[b2] * block_size + o2) * stride * ES;
+            for (int64_t c = 0; c < D * ES; c += 64) _mm_prefetch((const char *)(next + c), _MM_HINT_T0);
             if (++o2 == block_size) b2++, o2 = 0;
         }
         int64_t h = 0;
-        for (; h + 4 <= G; h += 4) scores16(4, ND, qg + h * D, kp, scale, scores + h * ld + t0, ld, vmx + h);
-        for (; h < G; h++) scores16(1, ND, qg + h * D, kp, scale, scores + h * ld + t0, ld, vmx + h);
+        for (; h + 4 <= G; h += 4)
+            scores16(4, ND, F16, qg + h * D, kp, scale, scores + h * ld + t0, ld, vmx + h);
+        for (; h < G; h++)
+            scores16(1, ND, F16, qg + h * D, kp, scale, scores + h * ld + t0, ld, vmx + h);
     }
     float inv[16];
     for (int64_t h = 0; h < G; h++) {
@@ -755,24 +787,30 @@ TM_INLINE void attend_group_512(int ND, const float *qg, const float *k_cache,
     const int per_pass = ND <= 4 ? 4 : 2;  /* accumulators stay in registers */
     int64_t h = 0;
     for (; h + per_pass <= G; h += per_pass)
-        accumulate_v(per_pass, ND, v_cache, table, len, stride, block_size, scores + h * ld, ld,
-                     inv + h, o + h * D);
+        accumulate_v(per_pass, ND, F16, v_cache, table, len, stride, block_size,
+                     scores + h * ld, ld, inv + h, o + h * D);
     for (; h < G; h++)
-        accumulate_v(1, ND, v_cache, table, len, stride, block_size, scores + h * ld, ld,
+        accumulate_v(1, ND, F16, v_cache, table, len, stride, block_size, scores + h * ld, ld,
                      inv + h, o + h * D);
 }
 #endif
 
-static void attend_scalar(const float *qh, const float *k_cache, const float *v_cache,
-                          const int64_t *table, int64_t len, int64_t KVH, int64_t kvh,
-                          int64_t D, int64_t block_size, float scale, float *scores,
-                          float *o) {
+/* Cached K/V value i of row p, from a float32 or (F16) a float16 cache. */
+TM_INLINE float kv_load1(const uint8_t *p, int64_t i, int F16) {
+    return F16 ? f16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+TM_INLINE void attend_scalar(int F16, const float *qh, const uint8_t *k_cache,
+                             const uint8_t *v_cache, const int64_t *table, int64_t len,
+                             int64_t KVH, int64_t kvh, int64_t D, int64_t block_size,
+                             float scale, float *scores, float *o) {
+    const int64_t ES = F16 ? 2 : 4;
     float mx = -INFINITY, sum = 0.0f;
     for (int64_t t = 0; t < len; t++) {
         const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float *kv = k_cache + (slot * KVH + kvh) * D;
+        const uint8_t *kv = k_cache + (slot * KVH + kvh) * D * ES;
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; d++) dot += qh[d] * kv[d];
+        for (int64_t d = 0; d < D; d++) dot += qh[d] * kv_load1(kv, d, F16);
         scores[t] = dot * scale;
         mx = scores[t] > mx ? scores[t] : mx;
     }
@@ -784,11 +822,24 @@ static void attend_scalar(const float *qh, const float *k_cache, const float *v_
     memset(o, 0, (size_t)D * sizeof(float));
     for (int64_t t = 0; t < len; t++) {
         const int64_t slot = table[t / block_size] * block_size + t % block_size;
-        const float *vv = v_cache + (slot * KVH + kvh) * D;
+        const uint8_t *vv = v_cache + (slot * KVH + kvh) * D * ES;
         const float p = scores[t] * inv;
-        for (int64_t d = 0; d < D; d++) o[d] += p * vv[d];
+        for (int64_t d = 0; d < D; d++) o[d] += p * kv_load1(vv, d, F16);
     }
 }
+
+/* `call` (naming F16) with F16 the constant 1 for a float16 cache, 0 for float32: each
+ * kernel is inlined once per cache type, with the conversions decided at compile time. */
+#define TM_BY_CACHE_TYPE(call)     \
+    do {                           \
+        if (kv_f16) {              \
+            const int F16 = 1;     \
+            call;                  \
+        } else {                   \
+            const int F16 = 0;     \
+            call;                  \
+        }                          \
+    } while (0)
 
 /* Scratch of at least `need` floats in *buf (capacity *cap); 0, or -1 out of memory. */
 TM_INLINE int scratch(float **buf, int64_t *cap, int64_t need) {
@@ -799,11 +850,13 @@ TM_INLINE int scratch(float **buf, int64_t *cap, int64_t need) {
     return *buf ? 0 : -1;
 }
 
-int tm_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+int tm_paged_decode_attention(const float *q, const void *k_cache_, const void *v_cache_,
                               const int64_t *block_table, int64_t max_blocks,
                               const int64_t *seq_lens, int64_t n, int64_t H, int64_t KVH,
-                              int64_t D, int64_t block_size, float scale, float *out) {
+                              int64_t D, int64_t block_size, float scale, float *out,
+                              int kv_f16) {
     if (KVH <= 0 || H % KVH) return -1;
+    const uint8_t *k_cache = (const uint8_t *)k_cache_, *v_cache = (const uint8_t *)v_cache_;
     const int64_t group = H / KVH;
     int failed = 0;
 #if TM_VNNI
@@ -825,8 +878,11 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
                 const float *qg = q + (s * H + kvh * group) * D;
                 float *o = out + (s * H + kvh * group) * D;
                 switch (D / 16) {  /* one inlined copy per head size */
-#define TM_ATTEND(ND) case ND: attend_group_512(ND, qg, k_cache, v_cache, table, len, KVH, kvh, \
-                                                group, block_size, scale, scores, o); break;
+#define TM_ATTEND(ND) case ND:                                                             \
+                    TM_BY_CACHE_TYPE(attend_group_512(ND, F16, qg, k_cache, v_cache, table,   \
+                                                      len, KVH, kvh, group, block_size, scale, \
+                                                      scores, o));                             \
+                    break;
                 TM_ATTEND(1) TM_ATTEND(2) TM_ATTEND(3) TM_ATTEND(4)
                 TM_ATTEND(5) TM_ATTEND(6) TM_ATTEND(7) TM_ATTEND(8)
 #undef TM_ATTEND
@@ -856,13 +912,13 @@ int tm_paged_decode_attention(const float *q, const float *k_cache, const float 
             float *o = out + (s * H + h) * D;
 #if TM_AVX2
             if (D % 8 == 0) {
-                attend_avx2(qh, k_cache, v_cache, table, len, KVH, kvh, D, block_size, scale,
-                            scores, o);
+                TM_BY_CACHE_TYPE(attend_avx2(F16, qh, k_cache, v_cache, table, len, KVH, kvh, D,
+                                             block_size, scale, scores, o));
                 continue;
             }
 #endif
-            attend_scalar(qh, k_cache, v_cache, table, len, KVH, kvh, D, block_size, scale,
-                          scores, o);
+            TM_BY_CACHE_TYPE(attend_scalar(F16, qh, k_cache, v_cache, table, len, KVH, kvh, D,
+                                           block_size, scale, scores, o));
         }
         free(scores);
     }
@@ -949,6 +1005,23 @@ void tm_silu_and_mul(const float *x, int64_t T, int64_t I, float *out) {
     }
 }
 
+/* cache[at .. at + n) = src, as float32 or (f16) float16 rounded to nearest even (as
+ * torch's .half() rounds, so the Python path and this one store the same bits). */
+static void store_kv_row(void *cache, int64_t at, const float *src, int64_t n, int f16) {
+    if (!f16) {
+        memcpy((float *)cache + at, src, (size_t)n * sizeof(float));
+        return;
+    }
+#if TM_AVX2
+    uint16_t *dst = (uint16_t *)cache + at;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+#endif
+}
+
 /* ---- One whole decoder layer for a step of decodes (one new token per sequence) ----
  * The same kernels in the same order as the Python layer code calls them (so the
  * results are bit-identical), without ~15 Python-level calls per layer, which at batch 1
@@ -957,16 +1030,18 @@ void tm_silu_and_mul(const float *x, int64_t T, int64_t I, float *out) {
  *   qkv = h @ Wqkv^T; rotary on the q and k heads; k, v -> cache slots
  *   a = paged decode attention(q); residual += a @ Wo^T; h = rmsnorm(residual) * ln2
  *   x = silu_and_mul(h @ Wgate_up^T) @ Wdown^T
- * x [T, H] is read as the layer input and overwritten with its output. Returns 0, or a
- * negative code from a kernel. */
+ * x [T, H] is read as the layer input and overwritten with its output; the KV cache is
+ * float32, or float16 with kv_f16 (AVX2 builds). Returns 0, or a negative code from a
+ * kernel. */
 int tm_decode_layer(int64_t T, int64_t H, int64_t NH, int64_t KVH, int64_t D, int64_t I,
                     float *x, float *residual, int first, const float *ln1,
                     const float *ln2, float eps, int qt_qkv, const uint8_t *w_qkv, int qt_o,
                     const uint8_t *w_o, int qt_gu, const uint8_t *w_gu, int qt_down,
                     const uint8_t *w_down, const int64_t *positions, const float *cos_table,
-                    const float *sin_table, float *k_cache, float *v_cache,
+                    const float *sin_table, void *k_cache, void *v_cache,
                     const int64_t *slots, const int64_t *block_table, int64_t max_blocks,
-                    const int64_t *seq_lens, int64_t block_size, float scale) {
+                    const int64_t *seq_lens, int64_t block_size, float scale, int kv_f16) {
+    if (kv_f16 && !TM_AVX2) return -1;
     const int64_t W = (NH + 2 * KVH) * D, widest = W > 2 * I ? W : 2 * I;
     float *h = (float *)malloc((size_t)(T * H) * sizeof(float));
     float *big = (float *)malloc((size_t)(T * widest) * sizeof(float));
@@ -985,12 +1060,11 @@ int tm_decode_layer(int64_t T, int64_t H, int64_t NH, int64_t KVH, int64_t D, in
     for (int64_t t = 0; t < T; t++) {
         const float *row = big + t * W;
         memcpy(q + t * NH * D, row, (size_t)(NH * D) * sizeof(float));
-        memcpy(k_cache + slots[t] * KVH * D, row + NH * D, (size_t)(KVH * D) * sizeof(float));
-        memcpy(v_cache + slots[t] * KVH * D, row + (NH + KVH) * D,
-               (size_t)(KVH * D) * sizeof(float));
+        store_kv_row(k_cache, slots[t] * KVH * D, row + NH * D, KVH * D, kv_f16);
+        store_kv_row(v_cache, slots[t] * KVH * D, row + (NH + KVH) * D, KVH * D, kv_f16);
     }
     if ((rc = tm_paged_decode_attention(q, k_cache, v_cache, block_table, max_blocks, seq_lens,
-                                        T, NH, KVH, D, block_size, scale, att)))
+                                        T, NH, KVH, D, block_size, scale, att, kv_f16)))
         goto done;
     if ((rc = tm_gemm(qt_o, att, T, NH * D, w_o, H, x))) goto done;
     tm_rms_norm(x, residual, ln2, T, H, eps, h);

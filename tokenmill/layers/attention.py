@@ -75,18 +75,19 @@ class TorchSDPABackend(AttentionBackend):
     """
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)
         num_heads, kv_heads = q.shape[1], k.shape[1]
         group = num_heads // kv_heads
         for seg in meta.prefills:
             rows = slice(seg.start, seg.start + seg.query_len)
             qs = q[rows].transpose(0, 1)  # [H, Lq, D]
-            if seg.slots is None:  # no cached context: attend to this step's own K/V
+            if seg.slots is None and k_cache.dtype == k.dtype:  # attend to this step's K/V
                 ks, vs = k[rows], v[rows]
-            else:
-                ks, vs = k_cache[seg.slots], v_cache[seg.slots]
+            else:  # from the cache, as later steps will read them
+                slots = meta.slot_mapping[rows] if seg.slots is None else seg.slots
+                ks, vs = k_cache[slots].to(q.dtype), v_cache[slots].to(q.dtype)
             o = F.scaled_dot_product_attention(
                 qs, ks.transpose(0, 1), vs.transpose(0, 1),
                 attn_mask=seg.mask, is_causal=seg.mask is None, scale=scale,
@@ -102,8 +103,8 @@ class TorchSDPABackend(AttentionBackend):
         n, num_heads, d = q.shape
         kv_heads = k_cache.shape[1]
         qd = q.view(n, kv_heads, num_heads // kv_heads, d)
-        kd = _gather_blocks(k_cache, meta)  # [n, KVH, L, D]
-        vd = _gather_blocks(v_cache, meta)
+        kd = _gather_blocks(k_cache, meta).to(q.dtype)  # [n, KVH, L, D]
+        vd = _gather_blocks(v_cache, meta).to(q.dtype)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
         return o.reshape(n, num_heads, d)
 
@@ -111,7 +112,8 @@ class TorchSDPABackend(AttentionBackend):
 class CPUAttentionBackend(TorchSDPABackend):
     """Every query row, prefill or decode, attended by one C kernel that reads the paged
     cache in place (``tm_paged_decode_attention``): no gathered copy of the blocks, no
-    padding to the longest sequence, no mask. For float32 caches on the CPU.
+    padding to the longest sequence, no mask. For float32 queries on the CPU and a float32
+    or float16 cache (converted as it is read: half the bytes to fetch).
 
     A prefill row at position p is computed exactly as a decode at position p would be:
     the same operations in the same order over the same cached keys. So a token's
@@ -124,8 +126,8 @@ class CPUAttentionBackend(TorchSDPABackend):
         self.kernels = kernels
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)
         if meta.prefills:
             rows = meta.prefill_rows
@@ -144,10 +146,14 @@ class CPUAttentionBackend(TorchSDPABackend):
             meta.block_size, scale)
 
 
-def attention_backend(device: str, dtype: torch.dtype) -> AttentionBackend:
-    """The fastest backend for where the KV cache lives: the C kernels on the CPU (float32),
-    the Triton kernels on a GPU, else the torch reference."""
-    if device == "cpu" and dtype == torch.float32:
+def attention_backend(device: str, dtype: torch.dtype,
+                      kv_dtype: torch.dtype | None = None) -> AttentionBackend:
+    """The fastest backend for where the KV cache lives: the C kernels on the CPU (float32
+    model, float32 or float16 cache), the Triton kernels on a GPU, else the torch
+    reference."""
+    kv_dtype = kv_dtype or dtype
+    if device == "cpu" and dtype == torch.float32 and kv_dtype in (torch.float32,
+                                                                   torch.float16):
         from tokenmill.kernels.cpu import kernels
 
         if kernels() is not None:

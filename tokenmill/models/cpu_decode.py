@@ -52,10 +52,15 @@ class CPUDecodePath:
                 return None
         return CPUDecodePath(model)
 
-    @staticmethod
-    def applies(x: torch.Tensor, meta: AttentionMetadata) -> bool:
+    def applies(self, x: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """A step of decodes only, float32, and a cache the C layer can write (float32,
+        or float16 where the kernels have F16C)."""
+        kv_dtype = kv_caches[0][0].dtype
         return (not meta.prefills and x.shape[0] > 0
-                and meta.num_decodes == x.shape[0] and x.dtype == torch.float32)
+                and meta.num_decodes == x.shape[0] and x.dtype == torch.float32
+                and (kv_dtype == torch.float32
+                     or (kv_dtype == torch.float16 and self.kernels.has_avx2)))
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor,
                  kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -76,7 +81,7 @@ class CPUDecodePath:
                 t, h, nh, kvh, d, inter, x.data_ptr(), residual.data_ptr(), int(i == 0),
                 ln1, ln2, self.eps, *weights, ptrs[0], cos, sin, k_cache.data_ptr(),
                 v_cache.data_ptr(), ptrs[1], ptrs[2], table.shape[1], ptrs[3],
-                meta.block_size, self.scale)
+                meta.block_size, self.scale, int(k_cache.dtype == torch.float16))
             if rc:
                 raise RuntimeError(f"tm_decode_layer failed ({rc}) in layer {i}")
         return x, residual

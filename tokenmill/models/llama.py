@@ -155,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         if self._decode_path is None:  # decided once, after the weights are in
             self._decode_path = CPUDecodePath.build(self) or False
-        if self._decode_path and CPUDecodePath.applies(x, meta):
+        if self._decode_path and self._decode_path.applies(x, meta, kv_caches):
             x, residual = self._decode_path(x, positions, kv_caches, meta)
         else:
             residual = None

@@ -78,14 +78,15 @@ def banner(engine, names: list[str], url: str, api_key: bool) -> str:
     e = engine.engine
     cfg, mc = e.config, e.model_config
     blocks, block_size = e.kv_manager.pool.num_blocks, e.kv_manager.block_size
-    kv_bytes = blocks * block_size * mc.kv_bytes_per_token(cfg.dtype)
+    kv_bytes = blocks * block_size * mc.kv_bytes_per_token(e.kv_dtype)
     dtype = str(cfg.dtype).removeprefix("torch.")
     return "\n".join([
         f"tokenmill serving {', '.join(names)}",
         f"  model     {cfg.model} ({mc.architecture})",
         f"  dtype     {dtype} on {cfg.device}",
         f"  KV cache  {blocks * block_size} tokens ({blocks} blocks x {block_size}, "
-        f"{kv_bytes / 2**20:.1f} MiB); max_model_len {e.max_model_len}, "
+        f"{kv_bytes / 2**20:.1f} MiB, {str(e.kv_dtype).removeprefix('torch.')}); "
+        f"max_model_len {e.max_model_len}, "
         f"max_num_seqs {cfg.scheduler.max_num_seqs}",
         f"  URL       {url}/v1  (OpenAI base URL; also /health /metrics /docs)"
         + ("  [API key required]" if api_key else ""),
