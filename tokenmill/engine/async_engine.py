@@ -196,9 +196,7 @@ class AsyncEngine:
                     return
                 if self.engine.has_unfinished_requests():
                     busy = True
-                    outputs = self.engine.step()
-                    for out in outputs:
-                        self._deliver(out.request_id, out)
+                    self._deliver_step(self.engine.step())
                 else:
                     if busy:  # just went idle: a cheap check of every block invariant
                         busy = False
@@ -243,6 +241,21 @@ class AsyncEngine:
         except ValueError as e:
             self._deliver(user.request_id, e)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to each event loop in one callback: one wake-up of
+        the loop per step instead of one per request (each is a write to its self-pipe,
+        and with 32 streams they cost the engine thread ~3% of its time)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed
+                pass
+
     def _deliver(self, request_id: str, item) -> None:
         entry = self._streams.get(request_id)
         if entry is None:
@@ -252,3 +265,8 @@ class AsyncEngine:
             loop.call_soon_threadsafe(stream.put_nowait, item)
         except RuntimeError:  # the event loop is closed
             pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)
