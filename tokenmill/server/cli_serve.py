@@ -14,8 +14,8 @@ with status 0.
 from __future__ import annotations
 
 import argparse
-import gc
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import Iterator
