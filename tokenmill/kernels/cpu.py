@@ -89,6 +89,11 @@ class CPUKernels:
             ptr, ptr, ptr, ptr, ptr, ptr,            # positions, cos, sin, k/v cache, slots
             ptr, i64, ptr, i64, f32,                 # block table, max blocks, lens, bs, scale
             c_int]                                   # float16 KV cache
+        lib.tm_decode_layers.argtypes = [
+            i64, ptr, i64, i64, i64, i64, i64, i64,  # L, layer table, T, H, NH, KVH, D, I
+            ptr, ptr, f32,                           # x, residual, eps
+            ptr, ptr, ptr, i64, ptr, i64, f32,       # positions, slots, block table, max
+            c_int]                                   # blocks, lens, bs, scale; float16 KV
         self.has_avx2 = bool(lib.tm_has_avx2())
         self.has_vnni = bool(lib.tm_has_vnni())
 

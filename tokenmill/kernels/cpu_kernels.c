@@ -1076,6 +1076,29 @@ done:
     return rc;
 }
 
+/* Every layer of a decode step in one call (a ctypes call with ~30 arguments costs ~9 us,
+ * a tenth of a layer at batch 1). Row l of `layers` [L, 14] holds layer l's pointers
+ * and types: ln1, ln2, (qtype, weight) for qkv, o, gate_up, down, cos, sin, k/v cache.
+ * Each layer is exactly tm_decode_layer's; the first gets first = 1. */
+int tm_decode_layers(int64_t L, const int64_t *layers, int64_t T, int64_t H, int64_t NH,
+                     int64_t KVH, int64_t D, int64_t I, float *x, float *residual, float eps,
+                     const int64_t *positions, const int64_t *slots,
+                     const int64_t *block_table, int64_t max_blocks, const int64_t *seq_lens,
+                     int64_t block_size, float scale, int kv_f16) {
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t *p = layers + 14 * l;
+#define TM_PTR(i) ((void *)(intptr_t)p[i])
+        const int rc = tm_decode_layer(
+            T, H, NH, KVH, D, I, x, residual, l == 0, TM_PTR(0), TM_PTR(1), eps,
+            (int)p[2], TM_PTR(3), (int)p[4], TM_PTR(5), (int)p[6], TM_PTR(7), (int)p[8],
+            TM_PTR(9), positions, TM_PTR(10), TM_PTR(11), TM_PTR(12), TM_PTR(13), slots,
+            block_table, max_blocks, seq_lens, block_size, scale, kv_f16);
+#undef TM_PTR
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 /* ---- Structured outputs: logits[rows[i], t] = -inf where bit t of bitmask[rows[i]] is 0
  * (32 tokens per int32 word, lowest bit first: xgrammar's layout). Rows whose words are
  * all ones (everything allowed) cost one comparison per 32 tokens. ---- */
