@@ -188,6 +188,12 @@ def test_the_avx2_build_agrees_with_the_default_one(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
     avx2 = cpu.build_kernels(cpu._ISA_FLAGS["avx2"])
     assert avx2.has_avx2 and not avx2.has_vnni and not avx2.interleaved(64)
+    # activations are rounded by 16-wide code on AVX-512, by a scalar loop otherwise:
+    # the same bytes and scales (ties, zeros and a wide range included)
+    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(4)) * torch.logspace(-4, 4, 256)
+    x[0, :32] = 0.0
+    x[1, 0], x[1, 1:32] = 127.0, torch.arange(31) - 14.5  # scale 1: every value a .5 tie
+    assert torch.equal(k.round_activations(x), avx2.round_activations(x))
     for qtype in (2, 3, 8):
         t = random_blocks(qtype, 64, 160, seed=qtype)
         x = torch.randn(6, 160, generator=torch.Generator().manual_seed(3))
