@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import signal
 from collections.abc import Iterator
@@ -116,10 +115,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
                                     **engine_kwargs(a))
     names = a.served_model_name or [default_served_name(a.model, engine.engine.config.model)]
     app = build_app(engine, names, api_key=a.api_key, shutdown_timeout=a.shutdown_timeout)
-    # Everything built so far lives as long as the process: out of the collector's way, so
-    # the collections that per-step garbage triggers stop walking the model and tokenizer.
-    gc.collect()
-    gc.freeze()
     print(banner(engine, names, base_url(a.host, a.port), bool(a.api_key)), flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
                             access_log=not a.disable_access_log,
