@@ -16,6 +16,7 @@ tokenize and await ``AsyncEngine.generate``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator
@@ -85,11 +86,16 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        warm_up = None
         if engine.engine.tokenizer is not None:
             # import the grammar library now, not on the first constrained request
-            engine.engine.structured.warm_up()
+            warm_up = engine.engine.structured.warm_up()
         yield
         await engine.shutdown(timeout=shutdown_timeout)
+        if warm_up is not None:
+            # never exit while that import runs (~1 s): a daemon thread stopped inside
+            # C++ start-up code can abort the interpreter's exit
+            await asyncio.to_thread(warm_up.join, 30.0)
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
     app.state.ctx = ctx
