@@ -178,16 +178,21 @@ def test_without_kernels_weights_load_dense(monkeypatch):
     assert layer.packed is None and torch.equal(layer.weight, dense(t))
 
 
-def test_the_avx2_build_agrees_with_the_default_one(tmp_path, monkeypatch):
-    """On an AVX-512 VNNI CPU the default build multiplies interleaved groups of 16 rows;
-    a build held to AVX2 keeps the row layout and its own kernel. Both against the same
-    reference (and so against each other), also where the default build interleaves."""
+@pytest.mark.parametrize("isa", ["avx2", "avxvnni"])
+def test_narrower_builds_agree_with_the_default_one(tmp_path, monkeypatch, isa):
+    """On an AVX-512 VNNI CPU the default build multiplies interleaved groups of 16 rows
+    with 512-bit dot products; a build held to AVX2 keeps the row layout and its own
+    kernel; one held to AVX-VNNI (where the CPU has it) interleaves and uses 256-bit dot
+    products. Each against the same reference (and so against each other)."""
     k = kernels()
     if not k.has_avx2:
         pytest.skip("no AVX2 on this CPU")
     monkeypatch.setenv("TOKENMILL_CACHE_DIR", str(tmp_path))
-    avx2 = cpu.build_kernels(cpu._ISA_FLAGS["avx2"])
-    assert avx2.has_avx2 and not avx2.has_vnni and not avx2.interleaved(64)
+    avx2 = cpu.build_kernels(cpu._ISA_FLAGS[isa])
+    assert avx2.has_avx2 and not avx2.has_vnni
+    if isa == "avxvnni" and not avx2.has_avx_vnni:
+        pytest.skip("no AVX-VNNI on this CPU")
+    assert avx2.interleaved(64) == (isa == "avxvnni")
     # activations are rounded by 16-wide code on AVX-512, by a scalar loop otherwise:
     # the same bytes and scales (ties, zeros and a wide range included)
     x = torch.randn(7, 256, generator=torch.Generator().manual_seed(4)) * torch.logspace(-4, 4, 256)
@@ -196,7 +201,7 @@ def test_the_avx2_build_agrees_with_the_default_one(tmp_path, monkeypatch):
     assert torch.equal(k.round_activations(x), avx2.round_activations(x))
     for qtype in (2, 3, 8):
         t = random_blocks(qtype, 64, 160, seed=qtype)
-        x = torch.randn(6, 160, generator=torch.Generator().manual_seed(3))
+        x = torch.randn(7, 160, generator=torch.Generator().manual_seed(3))
         want = F.linear(k.round_activations(x), dense(t))
         outs = []
         for lib in (k, avx2):
@@ -205,4 +210,7 @@ def test_the_avx2_build_agrees_with_the_default_one(tmp_path, monkeypatch):
             assert torch.equal(lib.dequant(qtype, w, 64, 160), dense(t))
             outs.append(lib.gemm(qtype, x, w, 64))
             torch.testing.assert_close(outs[-1], want, rtol=1e-5, atol=1e-4)
+            for i in range(7):  # each build: a row alone is the row in the batch
+                assert torch.equal(lib.gemm(qtype, x[i:i + 1].contiguous(), w, 64)[0],
+                                   outs[-1][i])
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-4)

@@ -6,7 +6,7 @@ a shared library cached under ``$TOKENMILL_CACHE_DIR`` (default
 it is built once per machine (about a second). ``-march=native`` is safe because the
 library never leaves the machine that built it; the C code picks AVX-512 VNNI, AVX2 or
 portable paths from what the compiler targets (``TOKENMILL_KERNEL_ISA=avx2`` holds it to
-AVX2). It is linked with ``-fopenmp`` and loaded
+AVX2, ``=avxvnni`` to 256-bit VNNI). It is linked with ``-fopenmp`` and loaded
 after torch, so its parallel loops share the OpenMP runtime (and thread count) torch uses.
 
 Without a compiler, or with ``TOKENMILL_NO_KERNELS=1``, ``kernels()`` returns None and
@@ -32,7 +32,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 6
+_ABI_VERSION = 7
 
 
 def _cpu_id() -> str:
@@ -95,7 +95,8 @@ class CPUKernels:
             ptr, ptr, ptr, i64, ptr, i64, f32,       # positions, slots, block table, max
             c_int]                                   # blocks, lens, bs, scale; float16 KV
         self.has_avx2 = bool(lib.tm_has_avx2())
-        self.has_vnni = bool(lib.tm_has_vnni())
+        self.has_vnni = bool(lib.tm_has_vnni())  # AVX-512 VNNI
+        self.has_avx_vnni = bool(lib.tm_has_avx_vnni())  # AVX-VNNI (256-bit) without AVX-512
 
     def pack_layout(self, qtype: int, w: torch.Tensor, n: int, k: int) -> None:
         """In place: an [n, K] matrix in the regrouped row layout (``regroup_rows``) -> the
@@ -199,9 +200,10 @@ class CPUKernels:
         return out
 
 
-# TOKENMILL_KERNEL_ISA=avx2 builds without AVX-512 (the AVX2 kernels on a newer CPU: for
-# comparisons and tests); anything else, or unset, uses everything the CPU has.
-_ISA_FLAGS = {"avx2": ("-mno-avx512f", "-mno-avxvnni")}
+# TOKENMILL_KERNEL_ISA=avx2 builds without AVX-512 and AVX-VNNI (the AVX2 kernels on a
+# newer CPU), =avxvnni without AVX-512 (the 256-bit VNNI kernels of Intel client CPUs):
+# for comparisons and tests; anything else, or unset, uses everything the CPU has.
+_ISA_FLAGS = {"avx2": ("-mno-avx512f", "-mno-avxvnni"), "avxvnni": ("-mno-avx512f",)}
 
 
 def build_kernels(extra_flags: tuple[str, ...] = ()) -> CPUKernels:

@@ -47,14 +47,23 @@
 #else
 #define TM_VNNI 0
 #endif
+/* AVX-VNNI without AVX-512 (Intel client CPUs since Alder Lake): the same layout, the
+ * same dot products 256 bits wide. */
+#if !TM_VNNI && TM_AVX2 && defined(__AVXVNNI__)
+#define TM_VNNI256 1
+#else
+#define TM_VNNI256 0
+#endif
+#define TM_INTERLEAVE (TM_VNNI || TM_VNNI256)
 
 #define TM_INLINE static inline __attribute__((always_inline))
 
 enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
 
-int tm_abi_version(void) { return 6; }
+int tm_abi_version(void) { return 7; }
 int tm_has_avx2(void) { return TM_AVX2; }
 int tm_has_vnni(void) { return TM_VNNI; }
+int tm_has_avx_vnni(void) { return TM_VNNI256; }
 
 TM_INLINE int block_bytes(int qtype) {
     switch (qtype) {
@@ -122,7 +131,8 @@ TM_INLINE void block_affine(int qtype, wrow r, int64_t b, float *scale, float *o
  * instruction advances 16 outputs by 4 steps of K against the same 4 activation bytes
  * (broadcast to every lane); a block takes 8 of them, and its 16 exact integer sums are
  * scaled by one conversion and one FMA, with no horizontal sums at the end.
- * So where the build has VNNI and N % 16 == 0, tm_pack_layout stores a matrix as N/16
+ * So where the build has VNNI (AVX-512's, or AVX-VNNI: the same instruction on 256 bits,
+ * two per 64-byte chunk) and N % 16 == 0, tm_pack_layout stores a matrix as N/16
  * groups of 16 rows, each group block after block. A block record holds the same bytes
  * as the 16 rows' blocks (16 * block_bytes):
  *   Q4_0, Q4_1: 4 chunks of 64 bytes (chunk c, lane r: bytes 4c..4c+3 of row r's block,
@@ -134,7 +144,7 @@ TM_INLINE void block_affine(int qtype, wrow r, int64_t b, float *scale, float *o
  * Other matrices (and every matrix of a build without VNNI) keep the row layout. */
 #define TM_GROUP 16
 
-TM_INLINE int interleaved(int64_t N) { return TM_VNNI && N % TM_GROUP == 0; }
+TM_INLINE int interleaved(int64_t N) { return TM_INTERLEAVE && N % TM_GROUP == 0; }
 int tm_interleaved(int64_t N) { return interleaved(N); }
 
 /* Block b of row n, in either layout: its integers as the row layout stores them (16
@@ -427,6 +437,64 @@ TM_INLINE void vnni_tile(int qtype, int ROWS, const uint8_t *grp, int64_t nb, co
 }
 #endif
 
+#if TM_VNNI256
+/* vnni_tile with AVX-VNNI: each 64-byte chunk as two halves of 8 rows (lanes), one half
+ * after the other so that 16 registers suffice; per row and half, the offsets go into the
+ * same accumulator after the block's product. ROWS <= 2. Like vnni_tile, a row's numbers
+ * do not depend on ROWS. */
+TM_INLINE void vnni_tile_256(int qtype, int ROWS, const uint8_t *grp, int64_t nb,
+                             const int8_t *y, const float *dx, const float *sy,
+                             const int32_t *ys, float *out, int64_t ldo) {
+    const int64_t rec_bytes = TM_GROUP * block_bytes(qtype);
+    const int chunks = int_bytes(qtype) / 4;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256 acc[2][2];
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *rec = grp + b * rec_bytes;
+        const uint16_t *dm = (const uint16_t *)(rec + 64 * chunks);
+        for (int half = 0; half < 2; half++) {
+            __m256i wq[8];
+            if (qtype == TM_Q8_0) {
+                for (int c = 0; c < 8; c++)
+                    wq[c] = _mm256_loadu_si256((const __m256i *)(rec + 64 * c + 32 * half));
+            } else {
+                for (int c = 0; c < 4; c++) {
+                    const __m256i raw = _mm256_loadu_si256((const __m256i *)(rec + 64 * c + 32 * half));
+                    wq[c] = _mm256_and_si256(raw, low);
+                    wq[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                }
+            }
+            const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 8 * half)));
+            __m256 m8 = _mm256_setzero_ps();
+            if (qtype == TM_Q4_1)
+                m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + TM_GROUP + 8 * half)));
+            if (qtype == TM_Q4_0) m8 = _mm256_mul_ps(d8, _mm256_set1_ps(-8.0f));
+            for (int r = 0; r < ROWS; r++) {
+                const int64_t i = r * nb + b;
+                const int32_t *ya = (const int32_t *)(y + i * 32);
+                __m256i s0 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wq[0], _mm256_set1_epi32(ya[0]));
+                __m256i s1 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wq[4], _mm256_set1_epi32(ya[4]));
+                for (int c = 1; c < 4; c++) {
+                    s0 = _mm256_dpbusd_avx_epi32(s0, wq[c], _mm256_set1_epi32(ya[c]));
+                    s1 = _mm256_dpbusd_avx_epi32(s1, wq[c + 4], _mm256_set1_epi32(ya[c + 4]));
+                }
+                __m256i sum = _mm256_add_epi32(s0, s1);
+                if (qtype == TM_Q8_0) sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * ys[i]));
+                __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum),
+                                           _mm256_mul_ps(d8, _mm256_set1_ps(dx[i])), acc[r][half]);
+                if (qtype != TM_Q8_0) a = _mm256_fmadd_ps(m8, _mm256_set1_ps(sy[i]), a);
+                acc[r][half] = a;
+            }
+        }
+    }
+    for (int r = 0; r < ROWS; r++) {
+        _mm256_storeu_ps(out + r * ldo, acc[r][0]);
+        _mm256_storeu_ps(out + r * ldo + 8, acc[r][1]);
+    }
+}
+#endif
+
 /* y[M, N] = x[M, K] @ W[N, K]^T with x rounded as above. Returns 0, or -1 for an unknown
  * type or K % 32 != 0, -2 when out of memory. */
 TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w,
@@ -446,21 +514,29 @@ TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const u
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
             quantize_act_row(x + m * K, K, yq + m * K, dx + m * nb, sy + m * nb, ys + m * nb);
-#if TM_VNNI
+#if TM_INTERLEAVE
         if (interleaved(N)) {
             const int64_t group_bytes = nb * TM_GROUP * block_bytes(qtype);
+#if TM_VNNI
+#define TM_TILE vnni_tile
+            const int tile = 4;
+#else
+#define TM_TILE vnni_tile_256
+            const int tile = 2;
+#endif
 #pragma omp for schedule(static)
             for (int64_t g = 0; g < N / TM_GROUP; g++) {
                 const uint8_t *grp = w + g * group_bytes;
                 float *yg = y + g * TM_GROUP;
                 int64_t m = 0;
-                for (; m + 4 <= M; m += 4)
-                    vnni_tile(qtype, 4, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
-                              ys + m * nb, yg + m * N, N);
+                for (; m + tile <= M; m += tile)
+                    TM_TILE(qtype, tile, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                            ys + m * nb, yg + m * N, N);
                 for (; m < M; m++)
-                    vnni_tile(qtype, 1, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
-                              ys + m * nb, yg + m * N, N);
+                    TM_TILE(qtype, 1, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                            ys + m * nb, yg + m * N, N);
             }
+#undef TM_TILE
         } else
 #endif
         {
