@@ -101,6 +101,20 @@ def test_activation_rounding():
     assert torch.equal(kernels().round_activations(torch.zeros(1, 32)), torch.zeros(1, 32))
 
 
+def test_activation_rounding_is_exactly_the_reference():
+    """The kernels' rounding (16-, 8-wide or scalar, whichever the build has) against the
+    same float32 operations in torch: d = amax / 127, q = round-half-even(x * (127 / amax)),
+    value d * q; bit for bit, ties and zero blocks included."""
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(6)) * torch.logspace(-4, 4, 256)
+    x[0, :32] = 0.0
+    x[1, 0], x[1, 1:32] = 127.0, torch.arange(31) - 14.5  # scale 1: every value a .5 tie
+    blocks = x.view(-1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    want = (amax / 127.0) * torch.round(blocks * inv)
+    assert torch.equal(kernels().round_activations(x).view(-1, 32), want)
+
+
 def test_packed_linear_keeps_leading_dims_and_dtype():
     t = random_blocks(3, 8, 64)
     w = PackedWeight(3, 8, 64)
