@@ -60,6 +60,16 @@
 
 enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
 
+/* return `call` (naming QT) with QT the constant type id: one inlined copy per type, so
+ * the block decoding has constant offsets and no branches; -1 for an unknown type. */
+#define TM_BY_QTYPE(qtype, call)                                       \
+    switch (qtype) {                                                   \
+    case TM_Q4_0: { const int QT = TM_Q4_0; return call; }             \
+    case TM_Q4_1: { const int QT = TM_Q4_1; return call; }             \
+    case TM_Q8_0: { const int QT = TM_Q8_0; return call; }             \
+    default: return -1;                                                \
+    }
+
 int tm_abi_version(void) { return 7; }
 int tm_has_avx2(void) { return TM_AVX2; }
 int tm_has_vnni(void) { return TM_VNNI; }
@@ -229,12 +239,7 @@ TM_INLINE int pack_impl(int qtype, uint8_t *w, int64_t N, int64_t K) {
 }
 
 int tm_pack_layout(int qtype, uint8_t *w, int64_t N, int64_t K) {
-    switch (qtype) {
-    case TM_Q4_0: return pack_impl(TM_Q4_0, w, N, K);
-    case TM_Q4_1: return pack_impl(TM_Q4_1, w, N, K);
-    case TM_Q8_0: return pack_impl(TM_Q8_0, w, N, K);
-    default: return -1;
-    }
+    TM_BY_QTYPE(qtype, pack_impl(QT, w, N, K));
 }
 
 /* ---- Activations rounded to 8 bits per block of 32 ----
@@ -557,16 +562,10 @@ TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const u
     return 0;
 }
 
-/* y[M, N] = x[M, K] @ W[N, K]^T. One inlined copy per type, so the block decoding has
- * constant offsets and no branches. */
+/* y[M, N] = x[M, K] @ W[N, K]^T. */
 int tm_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
             float *y) {
-    switch (qtype) {
-    case TM_Q4_0: return gemm_impl(TM_Q4_0, x, M, K, w, N, y);
-    case TM_Q4_1: return gemm_impl(TM_Q4_1, x, M, K, w, N, y);
-    case TM_Q8_0: return gemm_impl(TM_Q8_0, x, M, K, w, N, y);
-    default: return -1;
-    }
+    TM_BY_QTYPE(qtype, gemm_impl(QT, x, M, K, w, N, y));
 }
 
 /* x rounded to 8 bits per block exactly as tm_gemm rounds it, back in float32. */
@@ -594,12 +593,7 @@ TM_INLINE int dequant_impl(int qtype, const uint8_t *w, int64_t N, int64_t K, fl
 }
 
 int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
-    switch (qtype) {
-    case TM_Q4_0: return dequant_impl(TM_Q4_0, w, N, K, out);
-    case TM_Q4_1: return dequant_impl(TM_Q4_1, w, N, K, out);
-    case TM_Q8_0: return dequant_impl(TM_Q8_0, w, N, K, out);
-    default: return -1;
-    }
+    TM_BY_QTYPE(qtype, dequant_impl(QT, w, N, K, out));
 }
 
 /* out[i, :] = row ids[i] of W [N, K] as float32 (an embedding lookup). Returns -3 for
@@ -615,12 +609,7 @@ TM_INLINE int dequant_rows_impl(int qtype, const uint8_t *w, int64_t N, int64_t 
 
 int tm_dequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *ids,
                     int64_t n, float *out) {
-    switch (qtype) {
-    case TM_Q4_0: return dequant_rows_impl(TM_Q4_0, w, N, K, ids, n, out);
-    case TM_Q4_1: return dequant_rows_impl(TM_Q4_1, w, N, K, ids, n, out);
-    case TM_Q8_0: return dequant_rows_impl(TM_Q8_0, w, N, K, ids, n, out);
-    default: return -1;
-    }
+    TM_BY_QTYPE(qtype, dequant_rows_impl(QT, w, N, K, ids, n, out));
 }
 
 /* Decode attention straight from the paged KV cache (float32), one query token per
@@ -646,21 +635,33 @@ int tm_dequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int
  * exponentials by a vectorized polynomial (Cephes' expf, ~1 ulp), V accumulated in
  * registers 64 dims at a time and scaled by 1/sum at the end. Otherwise plain C. */
 #if TM_AVX2
+/* Cephes' expf: e^x = 2^n e^r, n = round(x log2 e), r = x - n ln 2 (ln 2 in two parts),
+ * e^r by a degree-5 polynomial; the AVX2 and AVX-512 versions below share these. */
+#define TM_LOG2E 1.44269504088896341f
+#define TM_LN2_HI 0.693359375f
+#define TM_LN2_LO -2.12194440e-4f
+#define TM_EXP_P0 1.9875691500e-4f
+#define TM_EXP_P1 1.3981999507e-3f
+#define TM_EXP_P2 8.3334519073e-3f
+#define TM_EXP_P3 4.1665795894e-2f
+#define TM_EXP_P4 1.6666665459e-1f
+#define TM_EXP_P5 5.0000001201e-1f
+
 /* e^x for x <= 88 (softmax arguments are <= 0), 8 at a time; 0 below -87. */
 TM_INLINE __m256 exp_neg_ps(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.0f);
     const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(TM_LOG2E)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(TM_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(TM_LN2_LO), r);
+    __m256 y = _mm256_set1_ps(TM_EXP_P0);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(TM_EXP_P1));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(TM_EXP_P2));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(TM_EXP_P3));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(TM_EXP_P4));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(TM_EXP_P5));
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
                                                          _mm256_set1_epi32(127)), 23);
@@ -750,16 +751,16 @@ TM_INLINE __m512 exp_neg_512(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-87.0f);
     const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     x = _mm512_max_ps(x, lo);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(TM_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(TM_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(TM_LN2_LO), r);
+    __m512 y = _mm512_set1_ps(TM_EXP_P0);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(TM_EXP_P1));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(TM_EXP_P2));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(TM_EXP_P3));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(TM_EXP_P4));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(TM_EXP_P5));
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n),
                                                          _mm512_set1_epi32(127)), 23);
