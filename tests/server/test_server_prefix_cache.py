@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.conftest import default_gguf_path
-from tests.server_fixture import running_server, sample, scrape
+from tests.server.fixture import running_server, sample, scrape
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(default_gguf_path() is None,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest_tokenizer_helpers import smollm2_gguf_path
+from tests.tokenizer.helpers import smollm2_gguf_path
 from tokenmill.tokenizer import Tokenizer
 from tokenmill.tools.prompt import template_messages
 

@@ -1,7 +1,7 @@
 """Acceptance tests for the OpenAI-compatible server (issue 3).
 
 The real ``tokenmill serve`` runs in a subprocess on a free loopback port (see
-``tests/server_fixture.py``) and is spoken to with the official ``openai`` client, plus raw
+``tests/server/fixture.py``) and is spoken to with the official ``openai`` client, plus raw
 ``httpx`` where the wire format itself is under test (SSE framing, error bodies, auth).
 
 Two servers for the whole file, each started once:
@@ -32,7 +32,7 @@ import openai
 import pytest
 
 from tests.conftest import default_gguf_path
-from tests.server_fixture import (
+from tests.server.fixture import (
     Server,
     error_of,
     load,

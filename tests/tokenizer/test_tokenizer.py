@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 
-from tests.conftest_tokenizer_helpers import (
+from tests.tokenizer.helpers import (
     byte_level_metadata,
     sentencepiece_metadata,
     smollm2_gguf_path,

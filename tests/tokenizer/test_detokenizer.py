@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest_tokenizer_helpers import sentencepiece_metadata, smollm2_gguf_path
+from tests.tokenizer.helpers import sentencepiece_metadata, smollm2_gguf_path
 from tokenmill.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenmill.tokenizer.gguf_tokenizer import tokenizer_from_gguf_metadata
 

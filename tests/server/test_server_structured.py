@@ -1,7 +1,7 @@
 """Acceptance tests for structured outputs and tool calling on the server.
 
 One real ``tokenmill serve`` (embedded default model, SmolLM2-135M-Instruct) runs for the
-whole file (see ``tests/server_fixture.py``); it is spoken to with the official ``openai``
+whole file (see ``tests/server/fixture.py``); it is spoken to with the official ``openai``
 client, and with raw ``httpx`` where the wire format is under test (error bodies, the SSE
 tool-call deltas).
 
@@ -30,7 +30,7 @@ import openai
 import pytest
 
 from tests.conftest import default_gguf_path
-from tests.server_fixture import (
+from tests.server.fixture import (
     Server,
     error_of,
     names,
@@ -39,7 +39,7 @@ from tests.server_fixture import (
     running_server,
     sse_payloads,
 )
-from tests.structured_schemas import SCHEMAS
+from tests.structured.schemas import SCHEMAS
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(default_gguf_path() is None,

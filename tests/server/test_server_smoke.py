@@ -1,6 +1,6 @@
 """Smoke test of ``tokenmill serve``: the real server in a subprocess, on the default
 model, talked to with the official openai client. (The full API suite is
-tests/test_server_api.py.)"""
+tests/server/test_server_api.py.)"""
 
 from __future__ import annotations
 

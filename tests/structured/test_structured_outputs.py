@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 
 from tests.conftest import default_gguf_path
-from tests.structured_schemas import SCHEMAS
+from tests.structured.schemas import SCHEMAS
 from tokenmill import LLM, SamplingParams
 from tokenmill.structured import StructuredOutputsParams
 from tokenmill.structured.xgrammar_backend import XGrammarBackend
