@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tokenmill.engine_args import EngineArgs
+
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -192,7 +194,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything the engine needs to start. Build it with ``EngineConfig.create(**flags)``."""
+    """Everything the engine needs to start, checked and typed; built from ``EngineArgs``."""
 
     model: str
     tokenizer: str
@@ -208,55 +210,45 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @classmethod
-    def create(
-        cls,
-        model: str | None = None,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        device: str = "cpu",
-        load_format: str = "auto",
-        seed: int = 0,
-        block_size: int = 16,
-        kv_cache_memory: str | int = "2GiB",
-        max_num_batched_tokens: int = 512,
-        max_num_seqs: int = 128,
-        max_model_len: int | None = None,
-        enable_chunked_prefill: bool = True,
-        skip_tokenizer_init: bool = False,
-        enable_prefix_caching: bool = True,
-        scheduling_policy: str = "fcfs",
-        quantization: str = "auto",
-        kv_cache_dtype: str = "auto",
-    ) -> EngineConfig:
-        if model is None:
-            from tokenmill.loader.default_model import default_model_path
+    def create(cls, **flags: Any) -> EngineConfig:
+        """``from_args(EngineArgs(**flags))``: the flags by their names."""
+        return cls.from_args(EngineArgs(**flags))
 
-            model = default_model_path()
-        if load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}.")
-        if quantization not in ("auto", "none"):
-            raise ValueError(f"quantization must be 'auto' or 'none', got {quantization!r}.")
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> EngineConfig:
+        """Checks every flag and builds the typed configs. ``args.model`` must be set (the
+        entry points put the embedded default model there when none is named)."""
+        if args.model is None:
+            raise ValueError("no model given.")
+        if args.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got "
+                             f"{args.load_format!r}.")
+        if args.quantization not in ("auto", "none"):
+            raise ValueError(f"quantization must be 'auto' or 'none', got "
+                             f"{args.quantization!r}.")
+        device = args.device
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}.")
-        model_dtype = parse_dtype(dtype, device)
+        model_dtype = parse_dtype(args.dtype, device)
         return cls(
-            model=model,
-            tokenizer=tokenizer or model,
+            model=args.model,
+            tokenizer=args.tokenizer or args.model,
             dtype=model_dtype,
             device=device,
-            load_format=load_format,
-            seed=seed,
-            skip_tokenizer_init=skip_tokenizer_init,
-            quantization=quantization,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=parse_size(kv_cache_memory),
-                              enable_prefix_caching=enable_prefix_caching,
-                              dtype=parse_kv_cache_dtype(kv_cache_dtype, model, model_dtype,
-                                                         device, quantization)),
+            load_format=args.load_format,
+            seed=args.seed,
+            skip_tokenizer_init=args.skip_tokenizer_init,
+            quantization=args.quantization,
+            cache=CacheConfig(
+                block_size=args.block_size, kv_cache_memory=parse_size(args.kv_cache_memory),
+                enable_prefix_caching=args.enable_prefix_caching,
+                dtype=parse_kv_cache_dtype(args.kv_cache_dtype, args.model, model_dtype,
+                                           device, args.quantization)),
             scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len,
-                enable_chunked_prefill=enable_chunked_prefill,
-                scheduling_policy=scheduling_policy,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len,
+                enable_chunked_prefill=args.enable_chunked_prefill,
+                scheduling_policy=args.scheduling_policy,
             ),
         )

@@ -46,7 +46,7 @@ def test_concurrent_streams_match_the_offline_engine(tiny_model_dir):
         # cumulative outputs only grow
         lens = [len(o.outputs[0].token_ids) for o in outs]
         assert lens == sorted(lens)
-    assert engine.engine.kv_manager.usage == 0.0
+    assert engine.engine.block_manager.usage == 0.0
 
 
 def test_leaving_early_aborts_and_frees_blocks(tiny_model_dir):

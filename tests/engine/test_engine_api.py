@@ -15,7 +15,7 @@ def llm(tiny_model_dir):
 
 
 def all_free(llm: LLM) -> bool:
-    pool = llm.engine.kv_manager.pool
+    pool = llm.engine.block_manager.pool
     return pool.num_free_blocks == pool.num_blocks
 
 
@@ -90,8 +90,8 @@ def test_kv_cache_dtype(tiny_model_dir):
     for name in ("float32", "float16"):
         llm = LLM(tiny_model_dir("llama"), skip_tokenizer_init=True, kv_cache_memory="2MiB",
                   kv_cache_dtype=name, show_progress=False)
-        assert llm.engine.runner.kv.layers[0][0].dtype == getattr(torch, name)
-        sizes[name] = llm.engine.kv_manager.pool.num_blocks
+        assert llm.engine.runner.kv_cache.layers[0][0].dtype == getattr(torch, name)
+        sizes[name] = llm.engine.block_manager.pool.num_blocks
         out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8,
                                                          ignore_eos=True), use_tqdm=False)
         assert len(out[0].outputs[0].token_ids) == 8 and all_free(llm)

@@ -22,7 +22,7 @@ def run_engine(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
         engine.scheduler.check_integrity()
-    pool = engine.kv_manager.pool
+    pool = engine.block_manager.pool
     assert pool.num_free_blocks == pool.num_blocks
     return [done[i] for i in ids]
 
@@ -48,7 +48,7 @@ def test_preemption_and_chunking_do_not_change_tokens(setup, chunk):
     # 20 blocks of 16 tokens: far less than 16 requests of ~60 tokens need at once.
     llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory=20 * 16 * 512,
               max_model_len=128, max_num_batched_tokens=chunk, show_progress=False)
-    assert llm.engine.kv_manager.pool.num_blocks == 20
+    assert llm.engine.block_manager.pool.num_blocks == 20
     assert run_engine(llm, prompts) == reference
     if chunk == 64:  # with 7-token steps few requests run at once: preemption is optional
         assert llm.engine.scheduler.num_preemptions > 0

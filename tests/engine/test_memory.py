@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tokenmill.model_runner import lazy_zeros
+from tokenmill.engine.model_runner import lazy_zeros
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

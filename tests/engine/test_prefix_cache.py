@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 
 from tests.conftest import random_prompts
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.kv_cache import KVCacheManager
-from tokenmill.engine.request import Request
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.sequence import Sequence
 
 BS = 4
 
 
 def test_match_insert_and_evict_subtree():
-    kv = KVCacheManager(8, BS, enable_prefix_caching=True)
+    kv = BlockManager(8, BS, enable_prefix_caching=True)
     tree = kv.prefix_cache
     tokens = list(range(12))
     tree.insert(tokens, [5, 6, 7])
@@ -40,13 +40,13 @@ def test_random_requests_keep_every_invariant(ops):
     """Requests drawn from a few shared prefixes arrive, compute, publish and finish in a
     random order over a small pool; tree, ref counts and free list stay consistent and a
     block is never both free and referenced."""
-    kv = KVCacheManager(12, BS, enable_prefix_caching=True)
+    kv = BlockManager(12, BS, enable_prefix_caching=True)
     prefixes = [[p] * 9 + list(range(p, p + 7)) for p in range(6)]
-    live: list[Request] = []
+    live: list[Sequence] = []
     for n, (op, which, length) in enumerate(ops):
         if op == "add":
             tokens = (prefixes[which] + list(range(100, 100 + length)))[: 8 + length]
-            req = Request(str(n), tokens, SamplingParams())
+            req = Sequence(str(n), tokens, SamplingParams())
             hit = kv.match_prefix(req)
             assert len(hit) * BS < req.num_tokens  # never the last token
             if kv.allocate_slots(req, req.num_tokens - len(hit) * BS, hit):
@@ -78,7 +78,7 @@ def run(llm: LLM, prompts):
             if out.finished:
                 done[out.request_id] = out
         engine.scheduler.check_integrity()
-    assert engine.kv_manager.num_free_blocks == engine.kv_manager.pool.num_blocks
+    assert engine.block_manager.num_free_blocks == engine.block_manager.pool.num_blocks
     return [done[i] for i in ids]
 
 
@@ -104,7 +104,7 @@ def test_outputs_identical_with_cache_on_and_off(tiny_model_dir, pool_blocks):
         [o.outputs[0].token_ids for o in second_off]
     hits = sum(o.num_cached_tokens for o in second_on)
     assert hits > 0 and all(o.num_cached_tokens == 0 for o in second_off)
-    evicted = on.engine.kv_manager.prefix_cache.num_evicted
+    evicted = on.engine.block_manager.prefix_cache.num_evicted
     assert evicted > 0 if pool_blocks == 24 else evicted == 0
 
 
@@ -115,7 +115,7 @@ def test_n_siblings_share_the_prompt_blocks(tiny_model_dir):
     out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=8,
                                                 ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs) == 3
-    kv = llm.engine.kv_manager
+    kv = llm.engine.block_manager
     # siblings 1 and 2 found sequence 0's three full prompt blocks in the cache
     assert kv.num_hit_tokens == 2 * 48
     alone = LLM(tiny_model_dir("llama"), skip_tokenizer_init=True, kv_cache_memory="4MiB",

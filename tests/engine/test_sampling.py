@@ -9,8 +9,9 @@ import torch
 
 from tests.conftest import random_prompts
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.request import Request
-from tokenmill.layers.sampler import Sampler
+from tokenmill.engine.model_runner import sampling_metadata
+from tokenmill.engine.sampler import Sampler
+from tokenmill.engine.sequence import Sequence
 
 
 @pytest.mark.parametrize("field,value", [
@@ -30,8 +31,13 @@ def test_min_tokens_above_max_tokens_is_refused():
         SamplingParams(min_tokens=5, max_tokens=2)
 
 
-def request(params: SamplingParams, prompt=(1, 2, 3), output=()) -> Request:
-    r = Request("r", list(prompt), params, eos_token_ids=frozenset({0}))
+def batch(seqs: list[Sequence]):
+    """The sampler's view of these sequences, as the model runner builds it."""
+    return sampling_metadata(seqs)
+
+
+def request(params: SamplingParams, prompt=(1, 2, 3), output=()) -> Sequence:
+    r = Sequence("r", list(prompt), params, eos_token_ids=frozenset({0}))
     r.output_token_ids = list(output)
     return r
 
@@ -40,23 +46,24 @@ def test_processing_bias_min_tokens_and_penalties():
     sampler = Sampler(vocab_size=6)
     logits = torch.tensor([[1.0, 2.0, -1.0, 0.5, 3.0, 0.0]])
     greedy = SamplingParams(temperature=0)
-    assert sampler(logits, [request(greedy)]).token_ids == [4]
+    assert sampler(logits, batch([request(greedy)])).token_ids == [4]
     biased = SamplingParams(temperature=0, logit_bias={2: 10.0})
-    assert sampler(logits, [request(biased)]).token_ids == [2]
+    assert sampler(logits, batch([request(biased)])).token_ids == [2]
     # EOS (0) is the argmax but banned until min_tokens are out.
     eos_first = torch.tensor([[9.0, 2.0, -1.0, 0.5, 3.0, 0.0]])
-    assert sampler(eos_first, [request(SamplingParams(temperature=0, min_tokens=2),
-                                       output=[3])]).token_ids == [4]
-    assert sampler(eos_first, [request(SamplingParams(temperature=0, min_tokens=1),
-                                       output=[3])]).token_ids == [0]
+    assert sampler(eos_first, batch([request(SamplingParams(temperature=0, min_tokens=2),
+                                             output=[3])])).token_ids == [4]
+    assert sampler(eos_first, batch([request(SamplingParams(temperature=0, min_tokens=1),
+                                             output=[3])])).token_ids == [0]
     # repetition penalty: seen tokens' positive logits divided, negative multiplied
     p = SamplingParams(temperature=0, repetition_penalty=2.0)
-    processed = sampler._process(logits.clone(), [request(p, prompt=[4, 2])])
+    processed = sampler._process(logits.clone(), batch([request(p, prompt=[4, 2])]).rows)
     assert processed[0, 4].item() == 1.5 and processed[0, 2].item() == -2.0
     assert processed[0, 1].item() == 2.0
     # frequency and presence penalties count the output only
     p = SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.25)
-    processed = sampler._process(logits.clone(), [request(p, prompt=[1], output=[4, 4, 3])])
+    processed = sampler._process(logits.clone(),
+                                 batch([request(p, prompt=[1], output=[4, 4, 3])]).rows)
     assert processed[0, 4].item() == pytest.approx(3.0 - 1.0 - 0.25)
     assert processed[0, 3].item() == pytest.approx(0.5 - 0.5 - 0.25)
     assert processed[0, 1].item() == 2.0
@@ -70,7 +77,7 @@ def test_random_sampling_follows_the_distribution():
     counts = torch.zeros(4)
     n = 4000
     for _ in range(n):
-        counts[sampler(logits, [request(params)]).token_ids[0]] += 1
+        counts[sampler(logits, batch([request(params)])).token_ids[0]] += 1
     assert torch.allclose(counts / n, probs, atol=0.03)
 
 
@@ -79,7 +86,7 @@ def test_top_k_top_p_min_p_filter():
     sampler = Sampler(vocab_size=4, seed=2)
 
     def seen(params):
-        return {sampler(logits, [request(params)]).token_ids[0] for _ in range(300)}
+        return {sampler(logits, batch([request(params)])).token_ids[0] for _ in range(300)}
 
     assert seen(SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
     assert seen(SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1}
@@ -89,8 +96,8 @@ def test_top_k_top_p_min_p_filter():
 
 def test_logprobs_have_ranks_and_the_chosen_token():
     logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
-    out = Sampler(vocab_size=4)(logits, [request(SamplingParams(temperature=0, logprobs=2,
-                                                                logit_bias={3: 50}))])
+    params = SamplingParams(temperature=0, logprobs=2, logit_bias={3: 50})
+    out = Sampler(vocab_size=4)(logits, batch([request(params)]))
     entry = out.logprobs[0]
     lsm = torch.log_softmax(logits[0], -1)
     assert out.token_ids == [3]

@@ -7,21 +7,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.kv_cache import BlockPool, KVCacheManager
-from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.block_manager import BlockManager, BlockPool
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Sequence, SequenceStatus
 from tokenmill.sampling_params import SamplingParams
 
 
-def make_request(i: int, prompt_len: int, max_tokens: int, priority: int = 0) -> Request:
-    return Request(str(i), list(range(prompt_len)), SamplingParams(max_tokens=max_tokens),
+def make_request(i: int, prompt_len: int, max_tokens: int, priority: int = 0) -> Sequence:
+    return Sequence(str(i), list(range(prompt_len)), SamplingParams(max_tokens=max_tokens),
                    priority=priority, arrival_time=float(i))
 
 
-def drive(sched: Scheduler, requests: list[Request], abort_at: dict[int, int] | None = None,
+def drive(sched: Scheduler, requests: list[Sequence], abort_at: dict[int, int] | None = None,
           arrive_at: list[int] | None = None, max_steps: int = 10_000) -> int:
     """Runs fake steps until every request is done; returns the number of steps.
-    Request i joins at step ``arrive_at[i]`` (all at step 0 by default)."""
+    Sequence i joins at step ``arrive_at[i]`` (all at step 0 by default)."""
     abort_at = abort_at or {}
     arrive_at = arrive_at or [0] * len(requests)
     for step in range(max_steps):
@@ -41,10 +41,10 @@ def drive(sched: Scheduler, requests: list[Request], abort_at: dict[int, int] | 
         for r in samplers:
             r.output_token_ids.append(7)
             if r.num_output_tokens >= r.sampling_params.max_tokens:
-                sched.finish_request(r, RequestStatus.FINISHED_LENGTH)
+                sched.finish_request(r, SequenceStatus.FINISHED_LENGTH)
         for idx, when in abort_at.items():
             if when == step:
-                sched.finish_request(requests[idx], RequestStatus.FINISHED_ABORTED)
+                sched.finish_request(requests[idx], SequenceStatus.FINISHED_ABORTED)
         sched.check_integrity()
     raise AssertionError("requests did not finish")
 
@@ -64,7 +64,7 @@ def test_block_pool_refcounts():
 
 
 def test_chunked_prefill_mixes_with_decodes():
-    kv = KVCacheManager(64, 16)
+    kv = BlockManager(64, 16)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10), kv, 512)
     short, long_ = make_request(0, 3, 5), make_request(1, 40, 5)
     sched.add_request(short)
@@ -81,7 +81,7 @@ def test_chunked_prefill_mixes_with_decodes():
 
 
 def test_preemption_picks_lowest_priority_then_latest():
-    kv = KVCacheManager(6, 4)
+    kv = BlockManager(6, 4)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=100), kv, 24)
     reqs = [make_request(0, 8, 20, priority=0), make_request(1, 8, 20, priority=1),
             make_request(2, 8, 20, priority=0)]
@@ -94,7 +94,7 @@ def test_preemption_picks_lowest_priority_then_latest():
         r.output_token_ids.append(1)
     out = sched.schedule()  # everyone needs a 3rd block: request 1 (priority 1) goes first
     assert out.preempted[0] is reqs[1]
-    assert reqs[1].status == RequestStatus.PREEMPTED and reqs[1].block_ids == []
+    assert reqs[1].status == SequenceStatus.PREEMPTED and reqs[1].block_ids == []
     assert reqs[1] in sched.waiting
     sched.check_integrity()
 
@@ -113,7 +113,7 @@ def test_preemption_picks_lowest_priority_then_latest():
 def test_random_workloads_finish_and_free_every_block(lens, num_blocks, block_size, budget,
                                                       max_seqs, aborts):
     max_model_len = num_blocks * block_size
-    kv = KVCacheManager(num_blocks, block_size)
+    kv = BlockManager(num_blocks, block_size)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
                       kv, max_model_len)
     reqs = []
@@ -126,5 +126,5 @@ def test_random_workloads_finish_and_free_every_block(lens, num_blocks, block_si
     assert kv.num_free_blocks == num_blocks
     for r in reqs:
         assert r.is_finished and r.block_ids == []
-        if r.status == RequestStatus.FINISHED_LENGTH:
+        if r.status == SequenceStatus.FINISHED_LENGTH:
             assert r.num_output_tokens == r.sampling_params.max_tokens

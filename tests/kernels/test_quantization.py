@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from tokenmill.gguf.dequant import dequantize
 from tokenmill.kernels import cpu
 from tokenmill.kernels.cpu import kernels
 from tokenmill.layers import quantization
@@ -18,7 +19,6 @@ from tokenmill.layers.quantization import (
     QuantizedTensor,
     packed_linear,
 )
-from tokenmill.loader.gguf_dequant import dequantize
 
 pytestmark = pytest.mark.skipif(kernels() is None, reason="no C compiler for the CPU kernels")
 

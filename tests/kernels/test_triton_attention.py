@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from tokenmill.engine.request import Request  # noqa: E402
-from tokenmill.engine.scheduler import ScheduledRequest, SchedulerOutput  # noqa: E402
+from tokenmill.engine.model_runner import ModelRunner  # noqa: E402
+from tokenmill.engine.scheduler_output import ScheduledSequence, SchedulerOutput  # noqa: E402
+from tokenmill.engine.sequence import Sequence  # noqa: E402
 from tokenmill.layers.attention import TorchSDPABackend  # noqa: E402
-from tokenmill.model_runner import ModelRunner  # noqa: E402
 from tokenmill.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def interpreted():
     """The kernel module, interpreted on the CPU (conftest sets TRITON_INTERPRET)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET is not set (a GPU machine: see the compiled tests)")
-    import tokenmill.layers.triton_attention as module
+    import tokenmill.layers.attention.triton as module
 
     return module
 
@@ -37,10 +37,10 @@ def make_step(specs, block_size, num_blocks, seed):
     scheduled = []
     for i, (context, new) in enumerate(specs):
         total = context + new
-        req = Request(f"r{i}", list(range(1, total + 1)), SamplingParams(max_tokens=1))
+        req = Sequence(f"r{i}", list(range(1, total + 1)), SamplingParams(max_tokens=1))
         req.block_ids = [free.pop() for _ in range(-(-total // block_size))]
         req.num_computed_tokens = context
-        scheduled.append(ScheduledRequest(req, new))
+        scheduled.append(ScheduledSequence(req, new))
     runner = ModelRunner.__new__(ModelRunner)
     runner.block_size, runner.device = block_size, "cpu"
     _, positions, meta, *_ = runner.prepare(SchedulerOutput(scheduled=scheduled))
@@ -128,7 +128,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_compiled_on_the_gpu(dtype, atol):
-    import tokenmill.layers.triton_attention as compiled
+    import tokenmill.layers.attention.triton as compiled
 
     check(compiled, MIXED, heads=8, kv_heads=2, dim=64, dtype=dtype, device="cuda",
           atol=atol)

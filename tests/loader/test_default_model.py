@@ -121,7 +121,7 @@ def test_stop_strings_end_the_text_and_never_leak(llm):
 
 def test_prompt_longer_than_context_is_refused_before_taking_blocks():
     llm = LLM(max_model_len=64, kv_cache_memory="64MiB", show_progress=False)
-    pool = llm.engine.kv_manager.pool
+    pool = llm.engine.block_manager.pool
     with pytest.raises(ValueError, match="max_model_len"):
         llm.generate("word " * 200, SamplingParams(max_tokens=4), use_tqdm=False)
     assert pool.num_free_blocks == pool.num_blocks and not llm.engine.has_unfinished_requests()

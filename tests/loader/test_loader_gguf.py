@@ -17,9 +17,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from tokenmill.gguf.dequant import dequantize
+from tokenmill.gguf.reader import read_gguf_metadata
 from tokenmill.loader import open_checkpoint, read_gguf
-from tokenmill.loader.gguf_dequant import dequantize
-from tokenmill.loader.gguf_reader import read_gguf_metadata
 
 ALL_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 # gguf-py 0.19 can quantize these; the K-quants it can only dequantize.

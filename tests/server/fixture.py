@@ -33,6 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
+# Servers started by this test process and not yet stopped: a failing test gets their logs
+# attached to its report (tests/server/conftest.py).
+LIVE_SERVERS: list[Server] = []
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
@@ -67,6 +71,8 @@ class Server:
     def stop(self, timeout: float = STOP_TIMEOUT_S,
              sig: signal.Signals = signal.SIGTERM) -> int | None:
         """Sends ``sig`` and waits; returns the exit code, or None if it had to be killed."""
+        if self in LIVE_SERVERS:
+            LIVE_SERVERS.remove(self)
         if self.exit_code is not None or self.proc.poll() is not None:
             if self.exit_code is None:
                 self.exit_code = self.proc.returncode
@@ -99,6 +105,7 @@ def start_server(*args: str, api_key: str | None = None,
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", log_path, api_key, tuple(args))
+    LIVE_SERVERS.append(server)
     deadline = time.monotonic() + ready_timeout
     while True:
         if proc.poll() is not None:

@@ -22,7 +22,9 @@ import importlib.metadata
 import json
 import re
 import signal
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
@@ -139,6 +141,39 @@ def test_health_version_and_models(server: Server, client: openai.OpenAI):
     assert [m["id"] for m in body["data"]] == [SERVED]
     assert body["data"][0]["object"] == "model"
     assert [m.id for m in client.models.list().data] == [SERVED]
+
+
+def _http_get(sock: socket.socket, path: str) -> bytes:
+    """One GET on an open keep-alive connection; returns the raw response (head + body)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_idle_keep_alive_connection_outlives_the_clients_idle_expiry(server: Server):
+    # httpx (so the openai client) reuses a connection idle for up to 5 s. A server that
+    # closes idle connections at that same age races the client's next request, which
+    # then fails with a connection error (seen in CI). The server must keep it open
+    # longer: a request after 6 s of quiet on the same connection gets its answer.
+    port = int(server.base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        assert _http_get(sock, "/health").startswith(b"HTTP/1.1 200")
+        time.sleep(6.0)
+        again = _http_get(sock, "/health")
+    assert again.startswith(b"HTTP/1.1 200"), (
+        f"the server closed an idle keep-alive connection within 6 s: {again[:200]!r}")
 
 
 def test_tokenize_detokenize_round_trip(server: Server):

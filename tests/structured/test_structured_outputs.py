@@ -42,7 +42,7 @@ def constrained(n: int = 1, temperature: float = 0.0, max_tokens: int = 200, see
 
 def assert_all_free(llm: LLM) -> None:
     llm.engine.scheduler.check_integrity()
-    pool = llm.engine.kv_manager.pool
+    pool = llm.engine.block_manager.pool
     assert pool.num_free_blocks == pool.num_blocks
 
 

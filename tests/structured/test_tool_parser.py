@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmill.tools.parser import ToolCallStream, parse_tool_output
+from tokenmill.tool_calling.parser import ToolCallStream, parse_tool_output
 
 NAMES = {"get_weather", "get_time", "f"}
 

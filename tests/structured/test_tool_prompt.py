@@ -9,7 +9,7 @@ import pytest
 
 from tests.tokenizer.helpers import smollm2_gguf_path
 from tokenmill.tokenizer import Tokenizer
-from tokenmill.tools.prompt import template_messages
+from tokenmill.tool_calling.prompt import template_messages
 
 # A tool-aware template in the Hermes style (tools listed in the system turn, calls and
 # tool results as tagged text), written for this test.

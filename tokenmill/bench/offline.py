@@ -9,12 +9,15 @@ special tokens that sit at the low end of most vocabularies.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 from typing import Any
 
 import numpy as np
+
+from tokenmill.engine_args import EngineArgs
 
 
 def check_positive(a: argparse.Namespace, *names: str) -> None:
@@ -27,12 +30,10 @@ def check_positive(a: argparse.Namespace, *names: str) -> None:
 def build_llm(a: argparse.Namespace, needed_len: int):
     """The engine from the standard engine flags; checks that prompts plus outputs of
     ``needed_len`` tokens fit in its context."""
-    from tokenmill.cli import engine_kwargs
     from tokenmill.entrypoints.llm import LLM
 
-    kwargs = engine_kwargs(a)
-    kwargs["skip_tokenizer_init"] = True
-    llm = LLM(**kwargs)
+    args = EngineArgs.from_cli_args(a).replace(skip_tokenizer_init=True)
+    llm = LLM(**dataclasses.asdict(args))
     if needed_len > llm.engine.max_model_len:
         raise ValueError(f"--input-len + --output-len is {needed_len} tokens, more than the "
                          f"engine's context of {llm.engine.max_model_len}; lower them, or "

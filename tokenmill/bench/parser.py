@@ -8,8 +8,22 @@ from __future__ import annotations
 
 import argparse
 
+from tokenmill.engine_args import EngineArgs
+
+
+def _require(module: str, what: str) -> None:
+    """A clear error when an optional dependency of ``tokenmill[bench]`` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{what} needs the {module} package: "
+                         "pip install 'tokenmill[bench]'")
+
 
 def _serve(a: argparse.Namespace) -> int:
+    _require("httpx", "tokenmill bench serve")
+    if a.plot:
+        _require("matplotlib", "--plot")
     from tokenmill.bench.serve import cmd_bench_serve
 
     return cmd_bench_serve(a)
@@ -90,8 +104,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_offline(sub: argparse._SubParsersAction) -> None:
-    from tokenmill.cli import add_engine_args  # imported late: tokenmill.cli imports us
-
     t = sub.add_parser("throughput", help="offline throughput of LLM.generate",
                        description="Random token-id prompts through LLM.generate, EOS "
                                    "ignored; prints requests/s, output and total tokens/s.")
@@ -101,7 +113,7 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--temperature", type=float, default=0.0)
     t.add_argument("--output-json", default=None, help="write the results as JSON")
     t.add_argument("--disable-tqdm", action="store_true")
-    add_engine_args(t)
+    EngineArgs.add_cli_args(t)
     t.set_defaults(func=_throughput)
 
     lat = sub.add_parser("latency", help="latency of one batch: prefill and decode apart",
@@ -114,7 +126,7 @@ def _add_offline(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--num-iters-warmup", type=int, default=1)
     lat.add_argument("--num-iters", type=int, default=5)
     lat.add_argument("--output-json", default=None, help="write the results as JSON")
-    add_engine_args(lat)
+    EngineArgs.add_cli_args(lat)
     lat.set_defaults(func=_latency)
 
 

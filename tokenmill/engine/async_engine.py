@@ -33,7 +33,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.engine import Engine, UserRequest
+from tokenmill.engine.engine import Engine, Request
+from tokenmill.engine_args import EngineArgs
+from tokenmill.loader.default_model import with_default_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
 
@@ -81,7 +83,8 @@ class AsyncEngine:
                    **engine_flags) -> AsyncEngine:
         """Builds the engine in the engine thread (see the module docstring) and returns
         once it is ready; errors (a bad flag, a missing model) are raised here."""
-        config = EngineConfig.create(**engine_flags)  # bad flags fail in the caller
+        # bad flags fail in the caller
+        config = EngineConfig.from_args(with_default_model(EngineArgs(**engine_flags)))
         self = cls(None, max_queued_requests)
         self._start_thread(lambda: Engine(config, show_progress))
         return self
@@ -129,6 +132,38 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10.0)
             self._thread = None
 
+    # ---- what the server reads (fixed once the engine is built) ------------------------
+    @property
+    def tokenizer(self):
+        """The engine's ``Tokenizer`` (None when it runs on token ids only)."""
+        return self.engine.tokenizer
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self.engine.config
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def structured_outputs(self):
+        """The grammar manager: parse and compile constraints (thread-safe)."""
+        return self.engine.structured
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, int]:
+        """(number of KV blocks, tokens per block)."""
+        return self.engine.block_manager.pool.num_blocks, self.engine.block_manager.block_size
+
+    @property
+    def kv_dtype(self):
+        return self.engine.kv_dtype
+
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
@@ -138,10 +173,10 @@ class AsyncEngine:
         waiting = len(sched.waiting)
         return EngineStats(num_running=len(sched.running), num_waiting=waiting,
                            num_queued=waiting + self._pending_adds,
-                           kv_cache_usage=self.engine.kv_manager.usage,
+                           kv_cache_usage=self.engine.block_manager.usage,
                            num_preemptions=sched.num_preemptions,
-                           prefix_cache_queries=self.engine.kv_manager.num_queried_tokens,
-                           prefix_cache_hits=self.engine.kv_manager.num_hit_tokens)
+                           prefix_cache_queries=self.engine.block_manager.num_queried_tokens,
+                           prefix_cache_hits=self.engine.block_manager.num_hit_tokens)
 
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
@@ -231,7 +266,7 @@ class AsyncEngine:
             else:
                 self.engine.abort_request(arg)
 
-    def _add(self, user: UserRequest) -> None:
+    def _add(self, user: Request) -> None:
         with self._lock:
             self._pending_adds -= 1
         if user.request_id not in self._streams:  # the client left before we started

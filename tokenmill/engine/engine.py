@@ -2,26 +2,25 @@
 
 Both fronts drive this loop: ``LLM.generate`` calls ``step()`` until every request is
 done; the server's async engine calls it from a background task. A user request with
-``n > 1`` becomes n sequences (``Request`` objects) that the scheduler treats
+``n > 1`` becomes n sequences (``Sequence`` objects) that the scheduler treats
 independently; their results are gathered back into one ``RequestOutput``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 import itertools
 import logging
 import time
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.kv_cache import KVCacheManager
+from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.model_loading import load_model
-from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Sequence, SequenceStatus
 from tokenmill.layers.attention import attention_backend
-from tokenmill.model_runner import KVCache, ModelRunner
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured import StructuredOutputManager
@@ -31,13 +30,13 @@ logger = logging.getLogger("tokenmill")
 
 
 @dataclass
-class UserRequest:
+class Request:
     """A request as the user sent it: its prompt and its n sequences."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    sequences: list[Request]
+    sequences: list[Sequence]
 
 
 def _format_bytes(n: float) -> str:
@@ -57,33 +56,22 @@ class Engine:
         backend = attention_backend(config.device, config.dtype, self.kv_dtype)
         model, self.model_config = load_model(config, backend, show_progress)
         mc = self.model_config
-        per_block = mc.kv_bytes_per_token(self.kv_dtype) * cc.block_size
-        num_blocks = cc.kv_cache_memory // per_block
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {cc.kv_cache_memory} B holds no KV block "
-                             f"({per_block} B each); increase it.")
+        self.runner = ModelRunner(model, mc, cc, self.kv_dtype, config.device, config.seed)
+        num_blocks = self.runner.num_blocks
         self.max_model_len = self._resolve_max_model_len(num_blocks * cc.block_size)
-        self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        kv = KVCache(mc, num_blocks, cc.block_size, self.kv_dtype, config.device)
-        self.runner = ModelRunner(model, mc, kv, cc.block_size, config.device, config.seed)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
                                        else mc.eos_token_ids)
-        self.requests: dict[str, UserRequest] = {}
+        self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size)
-        self._compiling: list[Request] = []  # queued sequences whose grammar is not ready
+        self._compiling: list[Sequence] = []  # queued sequences whose grammar is not ready
         tokens = num_blocks * cc.block_size
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%s); %.1f requests of full "
                     "context (%d tokens) fit", num_blocks, cc.block_size, tokens,
-                    _format_bytes(num_blocks * per_block), tokens / self.max_model_len,
+                    _format_bytes(self.runner.kv_cache_bytes), tokens / self.max_model_len,
                     self.max_model_len)
-        # Everything built so far (model, tokenizer tables, ...) lives until shutdown:
-        # move it out of the garbage collector's generations so the collections that the
-        # per-step allocations trigger do not walk it again and again (a few % of a
-        # decode step otherwise).
-        gc.collect()
-        gc.freeze()
 
     @staticmethod
     def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:
@@ -124,7 +112,7 @@ class Engine:
 
     def make_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                      request_id: str | None = None, priority: int = 0,
-                     arrival_time: float | None = None) -> UserRequest:
+                     arrival_time: float | None = None) -> Request:
         """Tokenizes and validates a request without touching engine state, so another
         thread (the server's) may call it while the engine steps."""
         params = params or SamplingParams()
@@ -138,7 +126,7 @@ class Engine:
             p.n = 1
             if params.seed is not None:
                 p.seed = params.seed + i  # distinct but reproducible draws per sequence
-            seq = Request(f"{request_id}-{i}", ids, p, self.eos_token_ids, priority, arrival,
+            seq = Sequence(f"{request_id}-{i}", ids, p, self.eos_token_ids, priority, arrival,
                           parent_id=request_id, index=i)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(
@@ -149,9 +137,9 @@ class Engine:
                 seq.grammar = self.structured.grammar_for(p.structured_outputs)
             seq.first_sibling = seqs[0] if seqs else None
             seqs.append(seq)
-        return UserRequest(request_id, text, ids, seqs)
+        return Request(request_id, text, ids, seqs)
 
-    def enqueue(self, user: UserRequest) -> None:
+    def enqueue(self, user: Request) -> None:
         """Hands a validated request to the scheduler."""
         if user.request_id in self.requests:
             raise ValueError(f"request id {user.request_id!r} is already in use.")
@@ -188,7 +176,7 @@ class Engine:
         if user is None:
             return
         for seq in user.sequences:
-            self.scheduler.finish_request(seq, RequestStatus.FINISHED_ABORTED)
+            self.scheduler.finish_request(seq, SequenceStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -213,7 +201,7 @@ class Engine:
         result = self.runner.execute(sched)
         self.scheduler.update_after_step(sched)
 
-        touched: dict[str, UserRequest] = {}
+        touched: dict[str, Request] = {}
         for s in sched.scheduled:
             req = s.request
             entry = result.prompt_logprobs.get(id(req))
@@ -231,7 +219,7 @@ class Engine:
     def _check_compiling(self) -> list[RequestOutput]:
         """Forgets sequences whose grammar is now compiled; ends (as aborted, with the
         error as stop_reason) those whose grammar failed to compile."""
-        failed: dict[str, UserRequest] = {}
+        failed: dict[str, Request] = {}
         still = []
         for seq in self._compiling:
             error = seq.grammar.error()
@@ -242,7 +230,7 @@ class Engine:
                 continue
             logger.error("grammar of %s failed to compile: %s", seq.request_id, error)
             seq.stop_reason = f"grammar compilation failed: {error}"
-            self.scheduler.finish_request(seq, RequestStatus.FINISHED_ABORTED)
+            self.scheduler.finish_request(seq, SequenceStatus.FINISHED_ABORTED)
             if seq.parent_id in self.requests:
                 failed[seq.parent_id] = self.requests[seq.parent_id]
         self._compiling = still
@@ -255,7 +243,7 @@ class Engine:
                     lp.decoded_token = self.tokenizer.decode([tok], skip_special_tokens=False)
         return entries
 
-    def _append_token(self, req: Request, token: int, logprob: float | None,
+    def _append_token(self, req: Sequence, token: int, logprob: float | None,
                       entry) -> None:
         req.output_token_ids.append(token)
         if req.metrics.first_token_time is None:
@@ -268,28 +256,28 @@ class Engine:
         stopped_by_token = req.num_output_tokens > p.min_tokens and (
             token in p.all_stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids))
         if stopped_by_token:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, (
+            status, req.stop_reason = SequenceStatus.FINISHED_STOPPED, (
                 token if token in p.all_stop_token_ids else None)
         elif req.grammar is not None and (not req.grammar.accept(token)
                                           or req.grammar.is_terminated()):
             # the grammar is complete (it accepted a stop token); a refused token cannot
             # follow a masked step, but if it did, the output could only go wrong from here
-            status = RequestStatus.FINISHED_STOPPED
+            status = SequenceStatus.FINISHED_STOPPED
             if req.detokenizer is not None:
                 req.detokenizer.add_token(token)
         elif req.detokenizer is not None:
             stop = req.detokenizer.add_token(token)
             if stop is not None:
-                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+                status, req.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
         if status is None and (
                 (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens)
                 or req.num_tokens >= self.max_model_len):
-            status = RequestStatus.FINISHED_LENGTH
+            status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
             req.metrics.finished_time = time.monotonic()
             self.scheduler.finish_request(req, status)
 
-    def _make_output(self, user: UserRequest) -> RequestOutput:
+    def _make_output(self, user: Request) -> RequestOutput:
         finished = all(s.is_finished for s in user.sequences)
         outs = []
         for s in user.sequences:

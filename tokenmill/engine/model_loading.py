@@ -63,8 +63,9 @@ def load_model(config: EngineConfig, backend: AttentionBackend,
     else:
         ckpt = open_checkpoint(config.model)
         model_cfg = ModelConfig.from_hf(ckpt.hf_config)
-    torch.manual_seed(config.seed)
-    with torch.device(config.device):
+    # parameters are initialized from a seeded RNG of their own, not the caller's
+    with torch.random.fork_rng(devices=[]), torch.device(config.device):
+        torch.manual_seed(config.seed)
         prev = torch.get_default_dtype()
         torch.set_default_dtype(config.dtype)
         try:

@@ -18,60 +18,31 @@ admits no new request, so the pool is not immediately oversubscribed again.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
 
 from tokenmill.config import SchedulerConfig
-from tokenmill.engine.kv_cache import KVCacheManager
-from tokenmill.engine.request import Request, RequestStatus
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.scheduler_output import ScheduledSequence, SchedulerOutput
+from tokenmill.engine.sequence import Sequence, SequenceStatus
 
 STARVATION_STEPS = 32  # lpm: a request waiting this many steps is served in arrival order
 
 
-@dataclass
-class ScheduledRequest:
-    """One request's share of a step: compute positions
-    ``[num_computed_tokens, num_computed_tokens + num_new_tokens)``."""
-
-    request: Request
-    num_new_tokens: int
-
-    @property
-    def samples(self) -> bool:
-        """True when this chunk reaches the end of the known tokens, so the model's output
-        at the last position is the next token."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int) -> None:
         self.config = config
-        self.kv = kv
+        self.blocks = blocks
         self.max_model_len = max_model_len
-        self.waiting: list[Request] = []  # sorted by Request.sort_key()
-        self.running: list[Request] = []
+        self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key()
+        self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Sequence) -> None:
         """Queues a request. The caller has checked its length against max_model_len."""
-        request.status = RequestStatus.WAITING
-        bisect.insort(self.waiting, request, key=Request.sort_key)
+        request.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, request, key=Sequence.sort_key)
 
-    def finish_request(self, request: Request, status: RequestStatus) -> None:
+    def finish_request(self, request: Sequence, status: SequenceStatus) -> None:
         """Ends a request (stop, length or abort) and frees its blocks at once."""
         if request.is_finished:
             return
@@ -80,7 +51,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
-        self.kv.free(request)
+        self.blocks.free(request)
 
     @property
     def num_unfinished(self) -> int:
@@ -90,7 +61,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled: dict[int, ScheduledRequest] = {}  # id(request) -> its share
+        scheduled: dict[int, ScheduledSequence] = {}  # id(request) -> its share
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -99,15 +70,15 @@ class Scheduler:
             if num_new <= 0:  # cannot happen for a running request; never spin on it
                 i += 1
                 continue
-            while not self.kv.allocate_slots(req, num_new):
-                victim = max(self.running, key=Request.sort_key)
+            while not self.blocks.allocate_slots(req, num_new):
+                victim = max(self.running, key=Sequence.sort_key)
                 if victim is not req and self.running.index(victim) < i:
                     i -= 1  # the list shifts left under us
                 budget += self._preempt(victim, scheduled.pop(id(victim), None), out)
                 if victim is req:
                     break
             else:
-                scheduled[id(req)] = ScheduledRequest(req, num_new)
+                scheduled[id(req)] = ScheduledSequence(req, num_new)
                 budget -= num_new
                 i += 1
 
@@ -116,7 +87,7 @@ class Scheduler:
         out.scheduled = list(scheduled.values())
         return out
 
-    def _admit_waiting(self, budget: int, scheduled: dict[int, ScheduledRequest]) -> None:
+    def _admit_waiting(self, budget: int, scheduled: dict[int, ScheduledSequence]) -> None:
         """Admits waiting requests in policy order while budget, seats and blocks last.
 
         ``fcfs``: (priority, arrival). ``lpm`` (longest prefix match): among equal
@@ -128,9 +99,9 @@ class Scheduler:
         whose grammar (structured outputs) is still compiling waits; others go ahead."""
         hits: dict[int, list[int]] = {}
 
-        def hit(r: Request) -> list[int]:
+        def hit(r: Sequence) -> list[int]:
             if id(r) not in hits:
-                hits[id(r)] = self.kv.match_prefix(r) if r.num_computed_tokens == 0 else []
+                hits[id(r)] = self.blocks.match_prefix(r) if r.num_computed_tokens == 0 else []
             return hits[id(r)]
 
         order = list(self.waiting)
@@ -147,7 +118,7 @@ class Scheduler:
             if req.grammar is not None and not req.grammar.ready():
                 continue
             hit_blocks = hit(req)
-            hit_tokens = len(hit_blocks) * self.kv.block_size
+            hit_tokens = len(hit_blocks) * self.blocks.block_size
             remaining = req.num_tokens - req.num_computed_tokens - hit_tokens
             if not self.config.enable_chunked_prefill and remaining > budget:
                 # Without chunking a prompt goes in whole; one larger than the budget
@@ -156,32 +127,32 @@ class Scheduler:
                     break
                 budget = remaining
             num_new = min(remaining, budget)
-            if not self.kv.allocate_slots(req, num_new, hit_blocks):
+            if not self.blocks.allocate_slots(req, num_new, hit_blocks):
                 break
-            self.kv.record_admission(req, hit_tokens)
+            self.blocks.record_admission(req, hit_tokens)
             self.waiting.remove(req)
-            req.status = RequestStatus.RUNNING
+            req.status = SequenceStatus.RUNNING
             self.running.append(req)
-            scheduled[id(req)] = ScheduledRequest(req, num_new)
+            scheduled[id(req)] = ScheduledSequence(req, num_new)
             budget -= num_new
 
-    def _sibling_computing_prompt(self, req: Request) -> bool:
+    def _sibling_computing_prompt(self, req: Sequence) -> bool:
         first = req.first_sibling
-        if first is None or self.kv.prefix_cache is None or first.is_finished:
+        if first is None or self.blocks.prefix_cache is None or first.is_finished:
             return False
-        full = req.num_prompt_tokens // self.kv.block_size * self.kv.block_size
+        full = req.num_prompt_tokens // self.blocks.block_size * self.blocks.block_size
         return first.num_computed_tokens < full
 
-    def _preempt(self, victim: Request, share: ScheduledRequest | None,
+    def _preempt(self, victim: Sequence, share: ScheduledSequence | None,
                  out: SchedulerOutput) -> int:
         """Frees the victim's blocks and requeues it; returns the budget it gives back."""
         self.running.remove(victim)
-        self.kv.free(victim)
+        self.blocks.free(victim)
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.add_request(victim)
-        victim.status = RequestStatus.PREEMPTED
+        victim.status = SequenceStatus.PREEMPTED
         out.preempted.append(victim)
         return share.num_new_tokens if share else 0
 
@@ -190,12 +161,12 @@ class Scheduler:
         publishes newly completed blocks to the prefix cache."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(s.request)
+            self.blocks.cache_full_blocks(s.request)
 
     def check_integrity(self) -> None:
         """The block invariants, over every live request."""
         live = self.running + self.waiting
-        self.kv.check_integrity(live)
+        self.blocks.check_integrity(live)
         for r in self.waiting:
             if r.block_ids:  # preemption frees everything
                 raise AssertionError(f"waiting request {r.request_id} holds blocks")

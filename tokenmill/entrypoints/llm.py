@@ -9,9 +9,11 @@ from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine
+from tokenmill.engine_args import EngineArgs
+from tokenmill.loader.default_model import with_default_model
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.tools.prompt import template_messages
+from tokenmill.tool_calling.prompt import template_messages
 
 Prompt = str | list[int]
 Message = dict[str, Any]
@@ -21,13 +23,15 @@ class LLM:
     """An engine plus a loop that runs it until the submitted prompts are done.
 
     ``model`` is a Hugging Face folder or a .gguf file; None picks the embedded default
-    (SmolLM2-135M-Instruct). Other keyword arguments are engine flags (see
-    ``EngineConfig.create``): dtype, kv_cache_memory, max_num_seqs, max_model_len, ...
+    (SmolLM2-135M-Instruct). Other keyword arguments are engine flags, by the names of
+    ``tokenmill.engine_args.EngineArgs`` (those of the CLI flags): dtype, kv_cache_memory,
+    max_num_seqs, max_model_len, ...
     """
 
-    def __init__(self, model: str | None = None, **engine_args) -> None:
-        show_progress = engine_args.pop("show_progress", True)
-        self.engine = Engine(EngineConfig.create(model=model, **engine_args), show_progress)
+    def __init__(self, model: str | None = None, show_progress: bool = True,
+                 **engine_args) -> None:
+        args = with_default_model(EngineArgs(model=model, **engine_args))
+        self.engine = Engine(EngineConfig.from_args(args), show_progress)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -68,8 +72,8 @@ class LLM:
         """Applies the model's chat template to one conversation or a list of them and
         generates the assistant's replies. ``tools`` (OpenAI function tools) reach the
         template as transformers passes them, or, for a template that ignores tools, the
-        system message (``tokenmill.tools.prompt``); calls are not parsed here, the server
-        does that (``tokenmill.tools.parser`` parses a reply's text)."""
+        system message (``tokenmill.tool_calling.prompt``); calls are not parsed here, the server
+        does that (``tokenmill.tool_calling.parser`` parses a reply's text)."""
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer with a chat template.")

@@ -5,13 +5,13 @@
     for name, tensor in ckpt.tensors(): ...
 """
 
+from tokenmill.gguf.reader import GGUFFile, read_gguf
 from tokenmill.loader.checkpoint import Checkpoint, open_checkpoint
 from tokenmill.loader.default_model import (
     DEFAULT_MODEL_NAME,
     DefaultModelNotFoundError,
     default_model_path,
 )
-from tokenmill.loader.gguf_reader import GGUFFile, read_gguf
 
 __all__ = [
     "DEFAULT_MODEL_NAME",

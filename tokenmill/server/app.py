@@ -43,11 +43,8 @@ from tokenmill.server.protocol import (
     TokenizeResponse,
 )
 from tokenmill.server.serving_chat import ChatHandler, chat_prompt_ids
-from tokenmill.server.serving_completions import (
-    CompletionHandler,
-    ServingContext,
-    json_response,
-)
+from tokenmill.server.serving_completions import CompletionHandler
+from tokenmill.server.serving_context import ServingContext, json_response
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -87,9 +84,9 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         warm_up = None
-        if engine.engine.tokenizer is not None:
+        if engine.tokenizer is not None:
             # import the grammar library now, not on the first constrained request
-            warm_up = engine.engine.structured.warm_up()
+            warm_up = engine.structured_outputs.warm_up()
         yield
         await engine.shutdown(timeout=shutdown_timeout)
         if warm_up is not None:

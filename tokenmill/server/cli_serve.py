@@ -15,11 +15,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 from collections.abc import Iterator
 
-from tokenmill.cli import add_engine_args, engine_kwargs
+from tokenmill.engine_args import EngineArgs
+
+# Idle keep-alive connections: a client that reuses a connection at the moment the server
+# closes it gets a reset instead of a response. httpx, and the openai client built on it,
+# drop idle connections after 5 s, which is also uvicorn's default keep-alive timeout: a
+# request sent after ~5 s of quiet could meet the close. The server waits longer than
+# common clients keep idle connections (as servers behind load balancers do), so the
+# client always gives up first.
+KEEP_ALIVE_S = 75.0
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,11 +48,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="waiting requests beyond this get HTTP 429 (default: no limit)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    g.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
+                   help="seconds an idle keep-alive connection stays open; longer than "
+                        "HTTP clients keep idle connections, so that a client never sends "
+                        "a request on a connection the server is closing (default: "
+                        f"{KEEP_ALIVE_S:g})")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true",
                    help="do not log every HTTP request")
-    add_engine_args(s)
+    EngineArgs.add_cli_args(s)
     s.set_defaults(func=cmd_serve)
 
 
@@ -57,6 +71,8 @@ def _check(a: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}.")
     if a.max_queued_requests is not None and a.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be >= 1, got {a.max_queued_requests}.")
+    if a.timeout_keep_alive <= 0:
+        raise ValueError(f"--timeout-keep-alive must be > 0, got {a.timeout_keep_alive}.")
     if a.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0, got {a.shutdown_timeout}.")
 
@@ -75,18 +91,17 @@ def base_url(host: str, port: int) -> str:
 
 def banner(engine, names: list[str], url: str, api_key: bool) -> str:
     """What is served, in a few lines."""
-    e = engine.engine
-    cfg, mc = e.config, e.model_config
-    blocks, block_size = e.kv_manager.pool.num_blocks, e.kv_manager.block_size
-    kv_bytes = blocks * block_size * mc.kv_bytes_per_token(e.kv_dtype)
+    cfg, mc = engine.engine_config, engine.model_config
+    blocks, block_size = engine.kv_cache_shape
+    kv_bytes = blocks * block_size * mc.kv_bytes_per_token(engine.kv_dtype)
     dtype = str(cfg.dtype).removeprefix("torch.")
     return "\n".join([
         f"tokenmill serving {', '.join(names)}",
         f"  model     {cfg.model} ({mc.architecture})",
         f"  dtype     {dtype} on {cfg.device}",
         f"  KV cache  {blocks * block_size} tokens ({blocks} blocks x {block_size}, "
-        f"{kv_bytes / 2**20:.1f} MiB, {str(e.kv_dtype).removeprefix('torch.')}); "
-        f"max_model_len {e.max_model_len}, "
+        f"{kv_bytes / 2**20:.1f} MiB, {str(engine.kv_dtype).removeprefix('torch.')}); "
+        f"max_model_len {engine.max_model_len}, "
         f"max_num_seqs {cfg.scheduler.max_num_seqs}",
         f"  URL       {url}/v1  (OpenAI base URL; also /health /metrics /docs)"
         + ("  [API key required]" if api_key else ""),
@@ -112,12 +127,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from tokenmill.server.app import build_app
 
     engine = AsyncEngine.from_flags(max_queued_requests=a.max_queued_requests,
-                                    **engine_kwargs(a))
-    names = a.served_model_name or [default_served_name(a.model, engine.engine.config.model)]
+                                    **dataclasses.asdict(EngineArgs.from_cli_args(a)))
+    names = a.served_model_name or [default_served_name(a.model, engine.engine_config.model)]
     app = build_app(engine, names, api_key=a.api_key, shutdown_timeout=a.shutdown_timeout)
     print(banner(engine, names, base_url(a.host, a.port), bool(a.api_key)), flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
                             access_log=not a.disable_access_log,
+                            timeout_keep_alive=a.timeout_keep_alive,
                             timeout_graceful_shutdown=a.shutdown_timeout)
     server = uvicorn.Server(config)
     with _graceful_signals_exit_zero():

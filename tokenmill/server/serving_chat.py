@@ -31,7 +31,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from tokenmill.outputs import PositionLogprobs, RequestOutput
-from tokenmill.server.chat_tools import ToolDeltaStream, finish_reason, tool_reply
+from tokenmill.server.constraints import ToolSetup, request_constraint, resolve_tools
 from tokenmill.server.errors import invalid_request
 from tokenmill.server.protocol import (
     ChatChoice,
@@ -46,16 +46,17 @@ from tokenmill.server.protocol import (
     ChatTopLogprob,
     DeltaMessage,
 )
-from tokenmill.server.serving_completions import (
+from tokenmill.server.serving_context import (
     ServingContext,
+    StreamedChoice,
     json_response,
     prompt_logprobs_json,
     usage,
 )
 from tokenmill.server.sse import EngineStreams, EventStreamResponse, sse_frame
-from tokenmill.server.structured import ToolSetup, request_constraint, resolve_tools
+from tokenmill.server.tool_call_output import ToolDeltaStream, finish_reason, tool_reply
 from tokenmill.tokenizer import Tokenizer
-from tokenmill.tools.prompt import template_messages
+from tokenmill.tool_calling.prompt import template_messages
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage],
@@ -146,36 +147,33 @@ class ChatHandler:
         for index in range(req.n):
             yield frame(ChatStreamChoice(index=index,
                                          delta=DeltaMessage(role="assistant", content="")))
-        sent_text = [0] * req.n
-        sent_tokens = [0] * req.n
-        done = [False] * req.n
+        sent = [StreamedChoice() for _ in range(req.n)]
         parsers = [ToolDeltaStream(tools) for _ in range(req.n)] if tools.parse_calls else []
         last: RequestOutput | None = None
         async for _, out in streams:
             last = out
             for o in out.outputs:
                 j = o.index
-                if done[j]:
+                if sent[j].done:
                     continue
-                new_ids = o.token_ids[sent_tokens[j]:]
+                new_ids = sent[j].new_token_ids(o)
                 calls: list = []
                 reason = o.finish_reason
                 if parsers:
                     text, calls = parsers[j].update(o.text, reason is not None)
                     reason = finish_reason(reason, parsers[j].made_calls)
                 else:
-                    text = o.text[sent_text[j]:]
+                    text = sent[j].new_text(o)
                 if (not text and not calls and not reason
                         and not (req.logprobs and new_ids)):
                     continue
                 logprobs = None
                 if req.logprobs:
-                    entries = (o.logprobs or [])[sent_tokens[j]:len(o.token_ids)]
-                    logprobs = chat_logprobs(new_ids, entries, req.top_logprobs or 0)
-                sent_text[j], sent_tokens[j] = len(o.text), len(o.token_ids)
-                done[j] = reason is not None
-                delta = DeltaMessage(content=text if text or not (done[j] or calls) else None,
-                                     tool_calls=calls or None)
+                    logprobs = chat_logprobs(new_ids, sent[j].new_logprobs(o),
+                                             req.top_logprobs or 0)
+                sent[j].mark_sent(o, reason is not None)
+                content = text if text or not (sent[j].done or calls) else None
+                delta = DeltaMessage(content=content, tool_calls=calls or None)
                 yield frame(ChatStreamChoice(index=j, delta=delta, logprobs=logprobs,
                                              finish_reason=reason,
                                              stop_reason=o.stop_reason))

@@ -1,8 +1,8 @@
 """Structured outputs: constraining generation to a JSON schema, regex, choice or grammar
 with token bitmasks (see ``backend.py`` for how it works)."""
 
+from tokenmill.sampling_params import DEFAULT_MAX_WHITESPACE, StructuredOutputsParams
 from tokenmill.structured.manager import RequestGrammar, StructuredOutputManager
-from tokenmill.structured.params import DEFAULT_MAX_WHITESPACE, StructuredOutputsParams
 
 __all__ = ["DEFAULT_MAX_WHITESPACE", "RequestGrammar", "StructuredOutputManager",
            "StructuredOutputsParams"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tokenmill.structured.params import StructuredOutputsParams
+from tokenmill.sampling_params import StructuredOutputsParams
 
 
 class GrammarMatcher(ABC):

@@ -19,8 +19,8 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from tokenmill.sampling_params import StructuredOutputsParams
 from tokenmill.structured.backend import GrammarBackend, GrammarMatcher
-from tokenmill.structured.params import StructuredOutputsParams
 from tokenmill.tokenizer import Tokenizer
 
 logger = logging.getLogger("tokenmill")

@@ -27,8 +27,8 @@ import torch
 import xgrammar as xgr
 
 from tokenmill.kernels.cpu import kernels
+from tokenmill.sampling_params import StructuredOutputsParams
 from tokenmill.structured.backend import GrammarBackend, GrammarMatcher
-from tokenmill.structured.params import StructuredOutputsParams
 from tokenmill.tokenizer import Tokenizer
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; users need the rest.

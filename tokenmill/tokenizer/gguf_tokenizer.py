@@ -20,7 +20,7 @@ From these we assemble a ``tokenizers.Tokenizer`` equivalent to the model's orig
 (the same construction transformers' GGUF integration performs). If the file embeds the original
 ``tokenizer.huggingface.json`` we use that directly.
 
-Metadata is parsed by ``tokenmill.loader.gguf_reader.read_gguf_metadata``, the same fast reader
+Metadata is parsed by ``tokenmill.gguf.reader.read_gguf_metadata``, the same fast reader
 the weight loader uses (``gguf.GGUFReader`` needs ~6 s for a 49k-token vocabulary).
 """
 
@@ -34,7 +34,7 @@ from gguf import TokenType
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from tokenmill.loader.gguf_reader import read_gguf_metadata
+from tokenmill.gguf.reader import read_gguf_metadata
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["load_gguf_tokenizer", "tokenizer_from_gguf_metadata"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tokenmill.structured import DEFAULT_MAX_WHITESPACE, StructuredOutputsParams
-from tokenmill.tools.parser import TOOL_CALL_OPEN
+from tokenmill.tool_calling.parser import TOOL_CALL_OPEN
 
 CALL_BEGIN = TOOL_CALL_OPEN + '\n{"name": "{name}", "arguments": '
 CALL_END = "}\n</tool_call>"

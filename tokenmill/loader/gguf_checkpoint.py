@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from tokenmill.config import RopeConfig
-from tokenmill.layers.quantization import QuantizedTensor
+from tokenmill.gguf.dequant import dequantize
+from tokenmill.gguf.quant_types import QuantizedTensor
+from tokenmill.gguf.reader import GGUFFile, GGUFTensorInfo, read_gguf
 from tokenmill.layers.rotary import inverse_frequencies
 from tokenmill.loader.checkpoint import Checkpoint, normalize_hf_config
-from tokenmill.loader.gguf_dequant import dequantize
-from tokenmill.loader.gguf_reader import GGUFFile, GGUFTensorInfo, read_gguf
 
 # general.architecture -> (HF architectures entry, model_type, Q/K rows permuted?)
 _ARCHITECTURES = {

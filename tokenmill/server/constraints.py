@@ -17,7 +17,7 @@ from typing import Any
 from tokenmill.server.errors import invalid_request
 from tokenmill.server.protocol_structured import ChatTool, NamedToolChoice, StructuredFields
 from tokenmill.structured import StructuredOutputsParams
-from tokenmill.tools.grammar import ToolChoice, tool_call_constraint
+from tokenmill.tool_calling.grammar import ToolChoice, tool_call_constraint
 
 
 @dataclass(frozen=True)

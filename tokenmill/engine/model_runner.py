@@ -17,17 +17,37 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenmill.config import ModelConfig
-from tokenmill.engine.request import Request
-from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.engine.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingMetadata,
+    SamplingRow,
+    top_logprobs,
+)
+from tokenmill.engine.scheduler_output import SchedulerOutput
+from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import AttentionMetadata, PrefillSegment
-from tokenmill.layers.sampler import Sampler, SamplerOutput, top_logprobs
 from tokenmill.outputs import PositionLogprobs
 
 
 @dataclass
+class ModelInput:
+    """One step's flat batch, as ``ModelRunner.prepare`` builds it for the model."""
+
+    input_ids: torch.Tensor          # [T] the new tokens of every scheduled sequence
+    positions: torch.Tensor          # [T]
+    attention: AttentionMetadata
+    logit_rows: list[int]            # rows of the batch whose logits are computed
+    sampled: list[Sequence]          # the sequences that sample a token this step
+    sample_idx: list[int]            # their rows within ``logit_rows``
+    # prompt logprobs wanted: (sequence, first prompt position, first logit row, count)
+    prompt_logprobs: list[tuple[Sequence, int, int, int]]
+
+
+@dataclass
 class ModelRunnerOutput:
-    sampled_requests: list[Request]
+    sampled_requests: list[Sequence]
     sampler_output: SamplerOutput | None
     # request -> (first prompt position covered, its logprobs entries in order)
     prompt_logprobs: dict[int, tuple[int, list[PositionLogprobs]]]
@@ -46,8 +66,27 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 
+def sampling_metadata(seqs: list[Sequence]) -> SamplingMetadata:
+    """The sampler's view of the sequences that sample this step."""
+    rows = []
+    for seq in seqs:
+        p = seq.sampling_params
+        banned: frozenset[int] = frozenset()
+        if seq.num_output_tokens < p.min_tokens:
+            banned = frozenset(p.all_stop_token_ids)
+            if not p.ignore_eos:
+                banned |= seq.eos_token_ids
+        rows.append(SamplingRow(
+            params=p, generator=seq.generator, grammar=seq.grammar, banned_token_ids=banned,
+            output_token_ids=seq.output_token_ids,
+            token_ids=seq.all_token_ids if p.repetition_penalty != 1.0 else None,
+            logit_bias=seq.logit_bias))
+    return SamplingMetadata(rows)
+
+
 class KVCache:
-    """One flat K and one flat V tensor per layer: [num_blocks * block_size, KVH, D]."""
+    """The K/V tensors: one flat K and one flat V tensor per layer,
+    [num_blocks * block_size, KVH, D]; slot = block id * block_size + offset."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: str) -> None:
@@ -57,21 +96,33 @@ class KVCache:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, kv: KVCache, block_size: int,
-                 device: str, seed: int) -> None:
+    """Owns the device side of the engine: the model, the KV tensors and the sampler.
+
+    It sizes the KV pool from ``cache.kv_cache_memory`` (``num_blocks``, which the
+    engine's block manager then hands out), turns each ``SchedulerOutput`` into a
+    ``ModelInput``, runs the model and samples."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, cache: CacheConfig,
+                 kv_dtype: torch.dtype, device: str, seed: int) -> None:
         self.model = model
         self.cfg = cfg
-        self.kv = kv
-        self.block_size = block_size
+        self.block_size = cache.block_size
         self.device = device
+        per_block = cfg.kv_bytes_per_token(kv_dtype) * cache.block_size
+        self.num_blocks = cache.kv_cache_memory // per_block
+        if self.num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {cache.kv_cache_memory} B holds no KV block "
+                             f"({per_block} B each); increase it.")
+        self.kv_cache_bytes = self.num_blocks * per_block
+        self.kv_cache = KVCache(cfg, self.num_blocks, cache.block_size, kv_dtype, device)
         self.sampler = Sampler(cfg.vocab_size, seed)
 
-    def _slots(self, req: Request, start: int, end: int) -> list[int]:
+    def _slots(self, req: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of positions [start, end) of a request, from its block table."""
         bs, table = self.block_size, req.block_ids
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, out: SchedulerOutput):
+    def prepare(self, out: SchedulerOutput) -> ModelInput:
         # Plain Python lists, turned into tensors once per step: at batch 1 a decode step
         # is a few ms, and per-request tensor ops were a tenth of it.
         ids: list[int] = []
@@ -79,11 +130,11 @@ class ModelRunner:
         slot_mapping: list[int] = []
         prefills: list[PrefillSegment] = []
         decode_rows: list[int] = []
-        decode_reqs: list[Request] = []
+        decode_reqs: list[Sequence] = []
         logit_rows: list[int] = []
-        sampled: list[Request] = []
+        sampled: list[Sequence] = []
         sample_idx: list[int] = []  # which logit rows belong to the sampling requests
-        prompt_lp: list[tuple[Request, int, int, int]] = []  # req, first pos, row0, count
+        prompt_lp: list[tuple[Sequence, int, int, int]] = []  # req, first pos, row0, count
         row = 0
         for s in out.scheduled:
             req, c, q = s.request, s.request.num_computed_tokens, s.num_new_tokens
@@ -133,10 +184,11 @@ class ModelRunner:
             prefill_row_seg=row_seg,
             prefill_seq_lens=prefill_lens,
         )
-        return (torch.tensor(ids, dtype=torch.long, device=self.device),
-                torch.tensor(positions, dtype=torch.long, device=self.device), meta, logit_rows,
-                sampled, sample_idx,
-                prompt_lp)
+        return ModelInput(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
+            attention=meta, logit_rows=logit_rows, sampled=sampled, sample_idx=sample_idx,
+            prompt_logprobs=prompt_lp)
 
     def _prefill_tables(self, out: SchedulerOutput, prefills: list[PrefillSegment]):
         """The prefill segments' block tables (padded), and for each prefill row: its row
@@ -159,7 +211,7 @@ class ModelRunner:
 
         return tensor(tables), tensor(rows), tensor(row_seg), tensor(lens)
 
-    def _decode_tables(self, reqs: list[Request]
+    def _decode_tables(self, reqs: list[Sequence]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Padded [n, max_blocks] block table of the decodes, the mask of their
         [n, 1, 1, max_blocks * block_size] gathered positions, and their lengths [n]."""
@@ -181,20 +233,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        input_ids, positions, meta, logit_rows, sampled, sample_idx, prompt_lp = \
-            self.prepare(out)
-        hidden = self.model(input_ids, positions, self.kv.layers, meta)
-        logits = self.model.compute_logits(hidden[torch.tensor(logit_rows, dtype=torch.long)])
+        inp = self.prepare(out)
+        hidden = self.model(inp.input_ids, inp.positions, self.kv_cache.layers, inp.attention)
+        logits = self.model.compute_logits(
+            hidden[torch.tensor(inp.logit_rows, dtype=torch.long)])
         logits = logits.float()
 
         prompt_entries: dict[int, tuple[int, list[PositionLogprobs]]] = {}
-        for req, first, row0, count in prompt_lp:
+        for req, first, row0, count in inp.prompt_logprobs:
             lp = torch.log_softmax(logits[row0: row0 + count], dim=-1)
             nxt = torch.tensor(req.prompt_token_ids[first + 1: first + 1 + count])
             entries = top_logprobs(lp, nxt, req.sampling_params.prompt_logprobs)
             prompt_entries[id(req)] = (first + 1, entries)
 
         sampler_output = None
-        if sampled:
-            sampler_output = self.sampler(logits[torch.tensor(sample_idx)], sampled)
-        return ModelRunnerOutput(sampled, sampler_output, prompt_entries)
+        if inp.sampled:
+            sampler_output = self.sampler(logits[torch.tensor(inp.sample_idx)],
+                                          sampling_metadata(inp.sampled))
+        return ModelRunnerOutput(inp.sampled, sampler_output, prompt_entries)

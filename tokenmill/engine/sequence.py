@@ -19,7 +19,7 @@ from tokenmill.outputs import PositionLogprobs, RequestMetrics
 from tokenmill.sampling_params import SamplingParams
 
 
-class RequestStatus(enum.Enum):
+class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
@@ -29,8 +29,8 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                        SequenceStatus.FINISHED_ABORTED)
 
     @property
     def finish_reason(self) -> str | None:
@@ -38,7 +38,7 @@ class RequestStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Request:
+class Sequence:
     """One sequence. For ``n > 1`` the engine creates n of these (one per completion),
     each with ``parent_id`` pointing at the user's request id and its ``index``."""
 
@@ -57,8 +57,8 @@ class Request:
     num_published_blocks: int = 0   # leading blocks already entered in the prefix cache
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission
     waiting_steps: int = 0          # scheduling rounds spent waiting (lpm starvation guard)
-    first_sibling: Request | None = None  # for n > 1: sequence 0 of the same user request
-    status: RequestStatus = RequestStatus.WAITING
+    first_sibling: Sequence | None = None  # for n > 1: sequence 0 of the same user request
+    status: SequenceStatus = SequenceStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     cumulative_logprob: float = 0.0
@@ -68,6 +68,8 @@ class Request:
     detokenizer: object | None = None  # tokenmill.tokenizer.IncrementalDetokenizer
     grammar: object | None = None      # tokenmill.structured.RequestGrammar, if constrained
     metrics: RequestMetrics = None  # type: ignore[assignment]
+    # the request's logit_bias as (token ids, values), built once
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
@@ -77,6 +79,10 @@ class Request:
             self.prompt_logprobs = [None]  # the first prompt token has no logprob
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+        bias = self.sampling_params.logit_bias
+        if bias:
+            self.logit_bias = (torch.tensor(list(bias.keys())),
+                               torch.tensor(list(bias.values())))
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,6 +1,6 @@
 """Tool calls in chat replies: the whole message, or its stream of deltas.
 
-Both go through ``tokenmill.tools.parser``, so the deltas of a streamed reply add up to
+Both go through ``tokenmill.tool_calling.parser``, so the deltas of a streamed reply add up to
 the non-streamed message: the same content and the same calls with the same argument
 text (only the call ids differ between two responses). A reply that made calls and
 ended normally has ``finish_reason: "tool_calls"``.
@@ -8,14 +8,14 @@ ended normally has ``finish_reason: "tool_calls"``.
 
 from __future__ import annotations
 
+from tokenmill.server.constraints import ToolSetup
 from tokenmill.server.protocol_structured import (
     DeltaFunctionCall,
     DeltaToolCall,
     FunctionCall,
     ToolCall,
 )
-from tokenmill.server.structured import ToolSetup
-from tokenmill.tools.parser import ToolCallStream, new_call_id, parse_tool_output
+from tokenmill.tool_calling.parser import ToolCallStream, new_call_id, parse_tool_output
 
 
 def finish_reason(reason: str | None, made_calls: bool) -> str | None:

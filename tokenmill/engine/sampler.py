@@ -15,12 +15,33 @@ tokens do not depend on what else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from tokenmill.engine.request import Request
 from tokenmill.outputs import Logprob, PositionLogprobs
-from tokenmill.sampling_params import SamplingType
+from tokenmill.sampling_params import SamplingParams, SamplingType
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # the request's own, if it has a seed
+    grammar: Any | None                # a ``RequestGrammar`` (backend + matcher), if any
+    banned_token_ids: frozenset[int]   # stop/EOS tokens ``min_tokens`` bans at this step
+    output_token_ids: list[int]
+    # prompt + output token ids, given only when the repetition penalty needs them
+    token_ids: list[int] | None
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None  # (token ids, values)
+
+
+@dataclass
+class SamplingMetadata:
+    """One step's sampling rows, in the order of the logits' rows."""
+
+    rows: list[SamplingRow]
 
 
 @dataclass
@@ -53,25 +74,26 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self._bitmask: torch.Tensor | None = None  # reused across steps, grown as needed
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: [R, V] float32, row i belonging to ``requests[i]``."""
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [R, V] float32, row i sampled as ``meta.rows[i]`` says."""
         logits = logits[:, : self.vocab_size].float()
-        n = len(requests)
-        want_lp = [r.sampling_params.logprobs for r in requests]
+        rows = meta.rows
+        n = len(rows)
+        want_lp = [r.params.logprobs for r in rows]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if any(k is not None for k in want_lp) else None)
         raw = logits
-        logits = self._process(logits.clone(), requests)
-        grammar_rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        logits = self._process(logits.clone(), rows)
+        grammar_rows = [i for i, r in enumerate(rows) if r.grammar is not None]
         if grammar_rows:
-            self._apply_grammars(logits, raw, requests, grammar_rows)
+            self._apply_grammars(logits, raw, rows, grammar_rows)
 
-        greedy = [r.sampling_params.sampling_type == SamplingType.GREEDY for r in requests]
+        greedy = [r.params.sampling_type == SamplingType.GREEDY for r in rows]
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i in range(n) if not greedy[i]]
         if random_rows:
             idx = torch.tensor(random_rows)
-            tokens[idx] = self._sample(logits[idx], [requests[i] for i in random_rows])
+            tokens[idx] = self._sample(logits[idx], [rows[i] for i in random_rows])
 
         token_list = tokens.tolist()
         sampled_lp: list[float | None] = [None] * n
@@ -92,42 +114,38 @@ class Sampler:
 
     # ---- logits processing ------------------------------------------------------------
     def _apply_grammars(self, logits: torch.Tensor, raw: torch.Tensor,
-                        requests: list[Request], rows: list[int]) -> None:
-        backend = requests[rows[0]].grammar.backend
+                        rows: list[SamplingRow], grammar_rows: list[int]) -> None:
+        backend = rows[grammar_rows[0]].grammar.backend
         if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
             self._bitmask = backend.allocate_bitmask(max(logits.shape[0], 8))
-        backend.fill_bitmask([requests[i].grammar.matcher for i in rows], self._bitmask, rows)
-        backend.apply_bitmask(logits, self._bitmask, rows)
+        backend.fill_bitmask([rows[i].grammar.matcher for i in grammar_rows], self._bitmask,
+                             grammar_rows)
+        backend.apply_bitmask(logits, self._bitmask, grammar_rows)
         # only the min_tokens ban sets -inf before this point, so only its rows can have
         # lost every token the grammar allows
-        banned = [i for i in rows
-                  if requests[i].num_output_tokens < requests[i].sampling_params.min_tokens]
+        banned = [i for i in grammar_rows if rows[i].banned_token_ids]
         dead = [i for i in banned if torch.isneginf(logits[i]).all()]
         if dead:
             for i in dead:
                 logits[i] = raw[i]
             backend.apply_bitmask(logits, self._bitmask, dead)
 
-    def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        for i, r in enumerate(requests):
-            p = r.sampling_params
-            if r.num_output_tokens < p.min_tokens:
-                banned = set(p.all_stop_token_ids)
-                if not p.ignore_eos:
-                    banned |= r.eos_token_ids
-                if banned:
-                    logits[i, list(banned)] = float("-inf")
-            if p.logit_bias:
-                ids, values = _bias_tensors(p)
+    def _process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        for i, r in enumerate(rows):
+            p = r.params
+            if r.banned_token_ids:
+                logits[i, list(r.banned_token_ids)] = float("-inf")
+            if r.logit_bias is not None:
+                ids, values = r.logit_bias
                 logits[i, ids] += values
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 self._apply_penalties(logits[i], r)
         return logits
 
-    def _apply_penalties(self, row: torch.Tensor, r: Request) -> None:
-        p = r.sampling_params
+    def _apply_penalties(self, row: torch.Tensor, r: SamplingRow) -> None:
+        p = r.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(r.token_ids)), dtype=torch.long)
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
                                     vals * p.repetition_penalty)
@@ -136,33 +154,23 @@ class Sampler:
                                     minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temps = torch.tensor([r.sampling_params.temperature for r in requests])
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        temps = torch.tensor([r.params.temperature for r in rows])
         logits = logits / temps.unsqueeze(1)
-        min_ps = torch.tensor([r.sampling_params.min_p for r in requests])
+        min_ps = torch.tensor([r.params.min_p for r in rows])
         if (min_ps > 0).any():
             probs = logits.softmax(dim=-1)
             threshold = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
             logits = logits.masked_fill(probs < threshold, float("-inf"))
-        top_ks = [r.sampling_params.top_k for r in requests]
-        top_ps = [r.sampling_params.top_p for r in requests]
+        top_ks = [r.params.top_k for r in rows]
+        top_ps = [r.params.top_p for r in rows]
         if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
             logits = _top_k_top_p(logits, top_ks, top_ps)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
-        for i, r in enumerate(requests):
+        for i, r in enumerate(rows):
             noise[i].exponential_(generator=r.generator or self.generator)
         return (probs / noise).argmax(dim=-1)
-
-
-def _bias_tensors(p) -> tuple[torch.Tensor, torch.Tensor]:
-    """A request's logit_bias as (token ids, values) tensors, built on its first step."""
-    cached = getattr(p, "_bias_tensors", None)
-    if cached is None:
-        cached = (torch.tensor(list(p.logit_bias.keys())),
-                  torch.tensor(list(p.logit_bias.values())))
-        p._bias_tensors = cached
-    return cached
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

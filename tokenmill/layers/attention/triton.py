@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmill.layers.attention import AttentionBackend, AttentionMetadata
+from tokenmill.layers.attention.base import AttentionBackend, AttentionMetadata
 
 BLOCK_M = 32          # query rows per prefill program
 MAX_SPLITS = 16       # decode: most KV splits per sequence

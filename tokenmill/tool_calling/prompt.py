@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tokenmill.tools.parser import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from tokenmill.tool_calling.parser import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 TOOLS_INSTRUCTIONS = (
     "You can call functions to help answer. These are the available functions, one JSON "

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from tokenmill.engine.prefix_cache import PrefixCache
-from tokenmill.engine.request import Request
+from tokenmill.engine.sequence import Sequence
 
 logger = logging.getLogger("tokenmill")
 
@@ -82,7 +82,7 @@ class BlockPool:
                                      f"{b in self._free}")
 
 
-class KVCacheManager:
+class BlockManager:
     """Gives requests the blocks they need to hold ``num_computed + num_new`` tokens, and
     with prefix caching, the blocks other requests already computed for their prefix."""
 
@@ -95,14 +95,14 @@ class KVCacheManager:
         self.num_queried_tokens = 0  # prompt tokens looked up in the cache
         self.num_hit_tokens = 0      # of which found
 
-    def match_prefix(self, request: Request) -> list[int]:
+    def match_prefix(self, request: Sequence) -> list[int]:
         """Cached blocks for the start of the request's tokens. Never covers the last
         token: its logits must be computed to sample the next one."""
         if self.prefix_cache is None or request.prompt_logprobs is not None:
             return []
         return self.prefix_cache.match(request.all_token_ids[: request.num_tokens - 1])
 
-    def record_admission(self, request: Request, num_hit_tokens: int) -> None:
+    def record_admission(self, request: Sequence, num_hit_tokens: int) -> None:
         """Counts a request's lookup once, when it is admitted (hit-rate metrics)."""
         if self.prefix_cache is None:
             return
@@ -113,7 +113,7 @@ class KVCacheManager:
         logger.debug("prefix cache: %s hit %d of %d tokens", request.request_id,
                      num_hit_tokens, request.num_tokens)
 
-    def cache_full_blocks(self, request: Request) -> None:
+    def cache_full_blocks(self, request: Sequence) -> None:
         """Publishes the request's blocks whose every token is computed."""
         if self.prefix_cache is None:
             return
@@ -135,7 +135,7 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
+    def allocate_slots(self, request: Sequence, num_new_tokens: int,
                        prefix_blocks: list[int] | None = None) -> bool:
         """Grows the request's block table to cover ``num_computed_tokens + num_new_tokens``
         tokens (after ``prefix_blocks``, cache hits for a request that holds no block yet,
@@ -158,14 +158,14 @@ class KVCacheManager:
             request.block_ids.extend(self.pool.allocate(extra))
         return True
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Sequence) -> None:
         """Returns all of a request's blocks (on finish, abort or preemption), tail first
         so that a cached prefix outlives its extensions in the LRU order."""
         self.pool.free(request.block_ids[::-1])
         request.block_ids = []
         request.num_published_blocks = 0
 
-    def check_integrity(self, live_requests: list[Request]) -> None:
+    def check_integrity(self, live_requests: list[Sequence]) -> None:
         """Pool and tree invariants, plus: the blocks held by live requests are exactly
         the referenced ones, with matching counts, and a cached block a request holds sits
         at the same depth in the tree as in the request's block table."""
