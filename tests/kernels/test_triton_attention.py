@@ -43,8 +43,8 @@ def make_step(specs, block_size, num_blocks, seed):
         scheduled.append(ScheduledSequence(req, new))
     runner = ModelRunner.__new__(ModelRunner)
     runner.block_size, runner.device = block_size, "cpu"
-    _, positions, meta, *_ = runner.prepare(SchedulerOutput(scheduled=scheduled))
-    return positions, meta
+    inp = runner.prepare(SchedulerOutput(scheduled=scheduled))
+    return inp.positions, inp.attention
 
 
 def check(module, specs, heads, kv_heads, dim, block_size=16, dtype=torch.float32,
