@@ -8,15 +8,15 @@ or the embedding holds after loading; ``packed_linear`` multiplies by it:
 the C kernel ``tm_gemm`` reads the compressed bytes once per 4 rows of activations. A CPU
 decode step is bound by how many weight bytes it reads, so this is the main speed-up of
 the CPU path; for prefill chunks (hundreds of rows) it keeps up with decoding the matrix
-to float32 and calling BLAS (``python bench/packed_linear.py``), so it is used for every
-row count.
+to float32 and calling BLAS (``python benchmarks/packed_linear.py``), so it is used for
+every row count.
 
 Numerics (llama.cpp's): the weights are used exactly as stored, the activations are
 rounded to 8 bits per block of 32 (one float scale per block), so each block's product
 is an exact integer dot product. Each output row is summed in the same order whatever
 the number of rows, so a sequence's numbers, hence its greedy tokens, do not depend on
-what else is in the batch (an earlier BLAS path above 64 rows summed in another order and
-broke that). ``--quantization none`` dequantizes at load and runs float32 instead (the
+what else is in the batch (BLAS on decoded weights would sum large batches in another
+order). ``--quantization none`` dequantizes at load and runs float32 instead (the
 path that matches transformers to float rounding).
 """
 

@@ -215,8 +215,8 @@ def _read_tensor(path: str, info: GGUFTensorInfo) -> torch.Tensor:
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch ops single-threaded: dequantization is a chain of small memory-bound
-    ops, and on a busy 2-core machine each OpenMP barrier can stall for a time slice of
-    the other process; measured on the default model: 0.8 s with 1 thread, 2-20 s with 2.
+    ops, and on a busy machine each OpenMP barrier can stall for a time slice of another
+    process, which costs more than a second thread gains.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
