@@ -1,12 +1,16 @@
-"""The CPU kernels of ``cpu_kernels.c``: built on first use, loaded with ctypes.
+"""The CPU kernels of ``csrc/``: built on first use, loaded with ctypes.
 
-The C file is compiled with the machine's C compiler (``$CC``, else ``cc``/``gcc``) into
-a shared library cached under ``$TOKENMILL_CACHE_DIR`` (default
-``~/.cache/tokenmill/kernels``), named by a hash of the source, the flags and the CPU, so
-it is built once per machine (about a second). ``-march=native`` is safe because the
-library never leaves the machine that built it; the C code picks AVX-512 VNNI, AVX2 or
-portable paths from what the compiler targets (``TOKENMILL_KERNEL_ISA=avx2`` holds it to
-AVX2, ``=avxvnni`` to 256-bit VNNI). It is linked with ``-fopenmp`` and loaded
+The C sources, one per concern (``matmul.c``: packed-weight matrix products;
+``attention.c``: paged decode attention; ``elementwise.c``: fused RMSNorm, rotary,
+SiLU-and-mul; ``decode_step.c``: all layers of a decode step in one call; ``bitmask.c``:
+structured-output token masks; ``abi.c``: what is checked at load; ``common.h``: what they
+share), are compiled together by the machine's C compiler (``$CC``, else ``cc``/``gcc``)
+into one shared library cached under ``$TOKENMILL_CACHE_DIR`` (default
+``~/.cache/tokenmill/kernels``), named by a hash of every source and header, the flags and
+the CPU, so it is built once per machine (a few seconds). ``-march=native`` is safe
+because the library never leaves the machine that built it; the C code picks AVX-512
+VNNI, AVX2 or portable paths from what the compiler targets (``TOKENMILL_KERNEL_ISA=avx2``
+holds it to AVX2, ``=avxvnni`` to 256-bit VNNI). It is linked with ``-fopenmp`` and loaded
 after torch, so its parallel loops share the OpenMP runtime (and thread count) torch uses.
 
 Without a compiler, or with ``TOKENMILL_NO_KERNELS=1``, ``kernels()`` returns None and
@@ -30,9 +34,47 @@ import torch
 
 logger = logging.getLogger("tokenmill")
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_SOURCE_DIR = Path(__file__).with_name("csrc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 7
+_ABI_VERSION = 8  # TM_ABI_VERSION in csrc/common.h
+
+
+def _sources() -> list[Path]:
+    """The C files compiled into the library, in a fixed order."""
+    return sorted(_SOURCE_DIR.glob("*.c"))
+
+
+def _source_digest() -> bytes:
+    """Every source and header, by name and content: any change gives a new library."""
+    h = hashlib.sha256()
+    for path in sorted(_SOURCE_DIR.glob("*.[ch]")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.digest()
+
+
+class TmWeight(ctypes.Structure):
+    """C ``tm_weight`` (csrc/common.h): a packed matrix and its ggml type id."""
+
+    _fields_ = [("qtype", ctypes.c_int64), ("data", ctypes.c_void_p)]
+
+
+class TmLayer(ctypes.Structure):
+    """C ``tm_layer`` (csrc/common.h): one decoder layer for ``tm_decode_layers``, as
+    pointers to float32 tensors (norm weights, rotary tables), packed weights, and the
+    layer's K/V caches. Field for field the C struct; its size is checked at load."""
+
+    _fields_ = [
+        ("ln1", ctypes.c_void_p),        # RMSNorm weight before attention
+        ("ln2", ctypes.c_void_p),        # RMSNorm weight before the MLP
+        ("qkv", TmWeight),
+        ("o", TmWeight),
+        ("gate_up", TmWeight),
+        ("down", TmWeight),
+        ("cos", ctypes.c_void_p),        # rotary tables [max positions, head_dim / 2]
+        ("sin", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),    # [slots, KV heads, head_dim], float32 or float16
+        ("v_cache", ctypes.c_void_p),
+    ]
 
 
 def _cpu_id() -> str:
@@ -56,8 +98,8 @@ def _build(cc: str, flags: tuple[str, ...], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_lib = Path(tmp) / out.name
-        subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp_lib), "-lm"], check=True,
-                       capture_output=True, text=True)
+        subprocess.run([cc, *flags, *map(str, _sources()), "-o", str(tmp_lib), "-lm"],
+                       check=True, capture_output=True, text=True)
         os.replace(tmp_lib, out)  # atomic: concurrent builders never see half a file
 
 
@@ -67,6 +109,12 @@ class CPUKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        if lib.tm_abi_version() != _ABI_VERSION:
+            raise RuntimeError("stale kernel library")
+        lib.tm_layer_size.restype = i64
+        if lib.tm_layer_size() != ctypes.sizeof(TmLayer):
+            raise RuntimeError(f"TmLayer is {ctypes.sizeof(TmLayer)} bytes, C tm_layer "
+                               f"{lib.tm_layer_size()}: update one to match the other")
         lib.tm_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
         lib.tm_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.tm_dequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
@@ -75,22 +123,14 @@ class CPUKernels:
         lib.tm_round_activations.argtypes = [ptr, i64, i64, ptr]
         lib.tm_paged_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
                                                   i64, i64, ctypes.c_float, ptr, ctypes.c_int]
-        if lib.tm_abi_version() != _ABI_VERSION:
-            raise RuntimeError("stale kernel library")
         lib.tm_rms_norm.argtypes = [ptr, ptr, ptr, i64, i64, ctypes.c_float, ptr]
         lib.tm_rope.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
         lib.tm_silu_and_mul.argtypes = [ptr, i64, i64, ptr]
         lib.tm_apply_token_bitmask.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64]
         f32, c_int = ctypes.c_float, ctypes.c_int
-        lib.tm_decode_layer.argtypes = [
-            i64, i64, i64, i64, i64, i64,            # T, H, NH, KVH, D, I
-            ptr, ptr, c_int, ptr, ptr, f32,          # x, residual, first, ln1, ln2, eps
-            c_int, ptr, c_int, ptr, c_int, ptr, c_int, ptr,  # (qtype, weight) x 4
-            ptr, ptr, ptr, ptr, ptr, ptr,            # positions, cos, sin, k/v cache, slots
-            ptr, i64, ptr, i64, f32,                 # block table, max blocks, lens, bs, scale
-            c_int]                                   # float16 KV cache
         lib.tm_decode_layers.argtypes = [
-            i64, ptr, i64, i64, i64, i64, i64, i64,  # L, layer table, T, H, NH, KVH, D, I
+            i64, ctypes.POINTER(TmLayer),            # L, layers
+            i64, i64, i64, i64, i64, i64,            # T, H, NH, KVH, D, I
             ptr, ptr, f32,                           # x, residual, eps
             ptr, ptr, ptr, i64, ptr, i64, f32,       # positions, slots, block table, max
             c_int]                                   # blocks, lens, bs, scale; float16 KV
@@ -100,8 +140,8 @@ class CPUKernels:
 
     def pack_layout(self, qtype: int, w: torch.Tensor, n: int, k: int) -> None:
         """In place: an [n, K] matrix in the regrouped row layout (``regroup_rows``) -> the
-        layout ``gemm`` reads: groups of 16 interleaved rows where the build has AVX-512
-        VNNI and n % 16 == 0, else unchanged (see cpu_kernels.c)."""
+        layout ``gemm`` reads: groups of 16 interleaved rows where the build has VNNI
+        (AVX-512's or AVX-VNNI) and n % 16 == 0, else unchanged (see csrc/matmul.c)."""
         if self.lib.tm_pack_layout(qtype, w.data_ptr(), n, k):
             raise RuntimeError(f"tm_pack_layout failed for type {qtype}, K={k}")
 
@@ -112,7 +152,7 @@ class CPUKernels:
     def gemm(self, qtype: int, x: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
         """``x [M, K]`` float32 contiguous, ``w`` an [n, K] matrix in the kernels' layout
         (``pack_layout``); x is rounded to 8 bits per block of 32 on the way (see
-        cpu_kernels.c)."""
+        csrc/matmul.c)."""
         m, k = x.shape
         y = torch.empty(m, n, dtype=torch.float32)
         rc = self.lib.tm_gemm(qtype, x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())
@@ -149,7 +189,6 @@ class CPUKernels:
             raise RuntimeError(f"tm_dequant failed ({rc}) for type {qtype}, K={k}")
         return out
 
-
     def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor,
                                v_cache: torch.Tensor, block_table: torch.Tensor,
                                seq_lens: torch.Tensor, block_size: int,
@@ -165,7 +204,6 @@ class CPUKernels:
         if rc:
             raise RuntimeError(f"tm_paged_decode_attention failed ({rc})")
         return out
-
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,7 +251,7 @@ def build_kernels(extra_flags: tuple[str, ...] = ()) -> CPUKernels:
     if cc is None:
         raise OSError("no C compiler found (install gcc)")
     flags = (*_FLAGS, *extra_flags)
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cc, *flags)).encode()
+    key = hashlib.sha256(_source_digest() + " ".join((cc, *flags)).encode()
                          + _cpu_id().encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TOKENMILL_CACHE_DIR",
                                 Path.home() / ".cache" / "tokenmill")) / "kernels"

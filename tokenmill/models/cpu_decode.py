@@ -1,14 +1,17 @@
-"""A decode step of the Llama family in one C call for all layers (``tm_decode_layers``,
-which runs ``tm_decode_layer`` for each).
+"""A decode step of the Llama family in one C call for all layers (``tm_decode_layers``
+in ``tokenmill/kernels/csrc/decode_step.c``).
 
-At batch 1 a layer is ~0.1 ms of arithmetic and, called from Python, as much again in
-dispatch: about fifteen module calls, tensor views and ctypes calls; even one ctypes call
-per layer (~30 arguments) cost ~9 us. For steps made only of decodes (one new token per
-sequence), this path hands every layer to C: the same kernels in the same order as the
-Python layer code
-(packed matmuls, fused RMSNorm, in-place rotary, paged decode attention, SiLU-and-mul),
-so the hidden states are bit-identical to it. Everything else (prefill chunks, float
-weights, qkv bias, q/k norm, tensor parallelism) takes the Python path.
+At batch 1 a layer is little arithmetic, and called from Python it costs as much again in
+dispatch: about fifteen module calls, tensor views and ctypes calls. For steps made only
+of decodes (one new token per sequence), this path hands every layer to C in a single
+ctypes call: the same kernels in the same order as the Python layer code (packed matmuls,
+fused RMSNorm, in-place rotary, paged decode attention, SiLU-and-mul), so the hidden
+states are bit-identical to it. Everything else (prefill chunks, float weights, qkv bias,
+q/k norm, tensor parallelism) takes the Python path.
+
+The layers are described to C by an array of ``TmLayer`` records (pointers to each
+layer's weights, rotary tables and K/V caches), built once here; the cache pointers are
+filled in when the caches are first seen.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from tokenmill.distributed import tp_size
+from tokenmill.kernels.cpu import TmLayer, TmWeight
 from tokenmill.layers.attention import AttentionMetadata, CPUAttentionBackend
 
 
@@ -28,26 +32,29 @@ class CPUDecodePath:
                      layer0.self_attn.num_kv_heads, cfg.head_dim, cfg.intermediate_size)
         self.scale = layer0.self_attn.scale
         self.eps = cfg.rms_norm_eps
-        # per layer: ln1, ln2, (qtype, weight) x 4, cos, sin, then the K/V caches' pointers
-        # (columns 12, 13: filled when the caches are first seen, see _table)
-        rows = []
-        for layer in model.model.layers:
+        # The records point into the model's tensors, which live as long as the model
+        # (and so as long as this path). k_cache and v_cache stay NULL until
+        # _point_at_caches sees the caches.
+        self.layers = (TmLayer * len(model.model.layers))()
+        for rec, layer in zip(self.layers, model.model.layers, strict=True):
             att, mlp = layer.self_attn, layer.mlp
-            row = [layer.input_layernorm.weight.data_ptr(),
-                   layer.post_attention_layernorm.weight.data_ptr()]
-            for lin in (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj):
-                row += [lin.packed.qtype, lin.packed.data.data_ptr()]
-            rows.append(row + [att.rotary.cos.data_ptr(), att.rotary.sin.data_ptr(), 0, 0])
-        self.table = torch.tensor(rows, dtype=torch.int64)
-        self._caches_in_table: tuple | None = None  # which caches columns 12, 13 point at
+            rec.ln1 = layer.input_layernorm.weight.data_ptr()
+            rec.ln2 = layer.post_attention_layernorm.weight.data_ptr()
+            rec.qkv = _weight(att.qkv_proj)
+            rec.o = _weight(att.o_proj)
+            rec.gate_up = _weight(mlp.gate_up_proj)
+            rec.down = _weight(mlp.down_proj)
+            rec.cos = att.rotary.cos.data_ptr()
+            rec.sin = att.rotary.sin.data_ptr()
+        self._caches_seen: tuple | None = None  # which caches the records point at
 
-    def _table(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _point_at_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Points each layer's record at its K/V caches, unless it already does."""
         key = (len(kv_caches), kv_caches[0][0].data_ptr(), kv_caches[-1][1].data_ptr())
-        if self._caches_in_table != key:
-            self.table[:, 12] = torch.tensor([k.data_ptr() for k, _ in kv_caches])
-            self.table[:, 13] = torch.tensor([v.data_ptr() for _, v in kv_caches])
-            self._caches_in_table = key
-        return self.table
+        if self._caches_seen != key:
+            for rec, (k, v) in zip(self.layers, kv_caches, strict=True):
+                rec.k_cache, rec.v_cache = k.data_ptr(), v.data_ptr()
+            self._caches_seen = key
 
     @staticmethod
     def build(model) -> CPUDecodePath | None:
@@ -87,11 +94,16 @@ class CPUDecodePath:
         lens = meta.decode_seq_lens.contiguous()
         step = (positions.contiguous(), meta.slot_mapping.contiguous(), table, lens)
         ptrs = [p.data_ptr() for p in step]
-        layers = self._table(kv_caches)
+        self._point_at_caches(kv_caches)
         rc = self.kernels.lib.tm_decode_layers(
-            layers.shape[0], layers.data_ptr(), t, h, nh, kvh, d, inter, x.data_ptr(),
+            len(self.layers), self.layers, t, h, nh, kvh, d, inter, x.data_ptr(),
             residual.data_ptr(), self.eps, ptrs[0], ptrs[1], ptrs[2], table.shape[1],
             ptrs[3], meta.block_size, self.scale, int(kv_caches[0][0].dtype == torch.float16))
         if rc:
             raise RuntimeError(f"tm_decode_layers failed ({rc})")
         return x, residual
+
+
+def _weight(linear) -> TmWeight:
+    """The packed weight of a quantized linear layer, as C reads it."""
+    return TmWeight(qtype=linear.packed.qtype, data=linear.packed.data.data_ptr())
