@@ -33,9 +33,11 @@ from prometheus_client.parser import text_string_to_metric_families
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
-# Servers started by this test process and not yet stopped: a failing test gets their logs
-# attached to its report (tests/server/conftest.py).
+# Servers started by this test process and not yet stopped, and those stopped during the
+# current test: a failing test gets their logs attached to its report
+# (tests/server/conftest.py, which also empties STOPPED_SERVERS after each test).
 LIVE_SERVERS: list[Server] = []
+STOPPED_SERVERS: list[Server] = []
 
 
 def free_port() -> int:
@@ -55,6 +57,7 @@ class Server:
     api_key: str | None = None
     args: tuple[str, ...] = ()
     exit_code: int | None = field(default=None)
+    final_log: str | None = field(default=None)  # the whole log, kept once it is deleted
 
     @property
     def headers(self) -> dict[str, str]:
@@ -62,6 +65,8 @@ class Server:
 
     def log(self, tail: int = 6000) -> str:
         """The last ``tail`` characters of the server's stdout+stderr."""
+        if self.final_log is not None:
+            return self.final_log[-tail:]
         try:
             with open(self.log_path, encoding="utf-8", errors="replace") as f:
                 return f.read()[-tail:]
@@ -73,6 +78,7 @@ class Server:
         """Sends ``sig`` and waits; returns the exit code, or None if it had to be killed."""
         if self in LIVE_SERVERS:
             LIVE_SERVERS.remove(self)
+            STOPPED_SERVERS.append(self)
         if self.exit_code is not None or self.proc.poll() is not None:
             if self.exit_code is None:
                 self.exit_code = self.proc.returncode
@@ -136,6 +142,7 @@ def running_server(*args: str, api_key: str | None = None,
     finally:
         code = server.stop(sig=stop_signal)
         log = server.log()
+        server.final_log = server.log(tail=10**9)
         with contextlib.suppress(OSError):
             os.unlink(server.log_path)
     name = stop_signal.name
