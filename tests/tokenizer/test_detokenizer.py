@@ -195,3 +195,69 @@ def test_invalid_use(smollm: Tokenizer) -> None:
     assert detok.token_count == 1 and detok.stop_string == "Hi"
     with pytest.raises(ValueError, match="already ended"):
         detok.add_token(0)
+
+
+# ---------------------------------------------------------------------- many and long stops
+
+
+class CharTokenizer:
+    """One token per character (token id = code point): stop matching on its own."""
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return "".join(map(chr, ids))
+
+
+def _reference(text: str, stops: list[str]) -> tuple[int, str] | None:
+    """(end, stop) of the earliest-ending stop string in text, the longest at that end."""
+    hits = [(text.find(s) + len(s), -len(s), s) for s in stops if s in text]
+    return (min(hits)[0], min(hits)[2]) if hits else None
+
+
+@PROPERTY
+@given(
+    text=st.text(alphabet="abc", max_size=40),
+    stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=6), min_size=1, max_size=12),
+)
+def test_stop_matching_and_holding_back_match_a_brute_force_reference(text: str, stops) -> None:
+    detok = IncrementalDetokenizer(CharTokenizer(), [], stop=stops)  # type: ignore[arg-type]
+    for i, ch in enumerate(text):
+        stop = detok.add_token(ord(ch))
+        seen = text[: i + 1]
+        ref = _reference(seen, stops)
+        if ref is not None:
+            end, expected = ref
+            assert stop == expected and end == i + 1
+            assert detok.text(True) == seen[: end - len(expected)]
+            return
+        assert stop is None
+        # held back: exactly the longest suffix that is a proper prefix of some stop
+        held = max((k for k in range(1, len(seen) + 1)
+                    if any(s.startswith(seen[-k:]) for s in stops)), default=0)
+        assert detok.text(False) == seen[: len(seen) - held]
+    assert detok.text(True) == text
+
+
+def test_many_long_stop_strings_cost_linear_memory() -> None:
+    """The limits' worst case (16 KiB of stop strings) for 4 sequences: one shared
+    automaton, not every prefix of every stop string per sequence (16,000 characters of
+    stops once cost 247 MiB)."""
+    import tracemalloc
+
+    from tokenmill.tokenizer import detokenizer as module
+
+    if hasattr(module, "stop_matcher"):
+        module.stop_matcher.cache_clear()
+    stops = [chr(0x4E00 + i) + "x" * 1023 for i in range(16)]
+    tracemalloc.start()
+    try:
+        detoks = [IncrementalDetokenizer(CharTokenizer(), [], stop=stops)  # type: ignore[arg-type]
+                  for _ in range(4)]
+        for detok in detoks:
+            for ch in "hello " + chr(0x4E00) + "x" * 2000:
+                if detok.add_token(ord(ch)) is not None:
+                    break
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(d.stop_string == stops[0] and d.text(True) == "hello " for d in detoks)
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB"

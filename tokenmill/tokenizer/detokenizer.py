@@ -19,15 +19,19 @@ slides: ``prefix_offset`` moves to the old ``read_offset`` (one or a few tokens 
 ``read_offset`` to the end. Each step therefore decodes a handful of tokens, and the emitted
 pieces concatenate to exactly ``tokenizer.decode(output_ids)``.
 
-Stop strings are searched in the new text plus the last ``len(stop) - 1`` characters before it,
-so a stop string spanning tokens is found and the search stays O(new text). Text that could still
-become a stop string (a suffix equal to a proper prefix of some stop string) is held back from
+Stop strings are found by one Aho-Corasick automaton over all of them (``StopMatcher``, built
+once per distinct list and shared): each new character moves its state once (amortized O(1),
+whatever the number or length of the stop strings), so a stop string spanning tokens is found
+and matching stays linear in the text. The state is the longest suffix of the text that is a
+prefix of some stop string: that suffix, and only that, is held back from
 ``text(finished=False)``, so a stop string never appears in streamed output unless
 ``include_stop_str_in_output`` is set.
 """
 
 from __future__ import annotations
 
+import functools
+from collections import deque
 from collections.abc import Sequence
 
 from tokenmill.tokenizer.tokenizer import Tokenizer
@@ -35,6 +39,75 @@ from tokenmill.tokenizer.tokenizer import Tokenizer
 __all__ = ["IncrementalDetokenizer"]
 
 _REPLACEMENT_CHAR = "\ufffd"
+_CHAR_BITS = 21  # code points are < 2**21: a transition's key is node << 21 | code point
+
+
+class StopMatcher:
+    """An Aho-Corasick automaton over a set of stop strings.
+
+    State 0 is the empty string; state s stands for ``prefix(s)``, a prefix of some stop
+    string of length ``depth[s]``. After a text has been fed, the state is the longest
+    suffix of the text that is a prefix of some stop string; ``match[s]`` is the length of
+    the longest stop string that is a suffix of ``prefix(s)`` (0: none).
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        goto: dict[int, int] = {}
+        depth, match = [0], [0]
+        children: list[list[tuple[int, int]]] = [[]]
+        for stop in stops:
+            node = 0
+            for ch in stop:
+                key = node << _CHAR_BITS | ord(ch)
+                nxt = goto.get(key)
+                if nxt is None:
+                    nxt = goto[key] = len(depth)
+                    depth.append(depth[node] + 1)
+                    match.append(0)
+                    children.append([])
+                    children[node].append((ord(ch), nxt))
+                node = nxt
+            match[node] = len(stop)
+        fail = [0] * len(depth)
+        queue = deque(child for _, child in children[0])
+        while queue:
+            node = queue.popleft()
+            for code, child in children[node]:
+                f = fail[node]
+                while f and (f << _CHAR_BITS | code) not in goto:
+                    f = fail[f]
+                target = goto.get(f << _CHAR_BITS | code, 0)
+                fail[child] = target if target != child else 0
+                if not match[child]:
+                    match[child] = match[fail[child]]
+                queue.append(child)
+        self._goto, self._fail, self.depth, self.match = goto, fail, depth, match
+
+    def feed(self, state: int, text: str, start: int = 0) -> tuple[int, int]:
+        """Feeds ``text[start:]`` from ``state``; returns (state, end) where ``end`` is the
+        index just past the first stop string completed, or -1 (then ``state`` is after the
+        whole text). The stop string found is ``text[end - match[state]:end]``, the longest
+        of those ending there."""
+        goto, fail, match = self._goto, self._fail, self.match
+        for i in range(start, len(text)):
+            code = ord(text[i])
+            while True:
+                nxt = goto.get(state << _CHAR_BITS | code)
+                if nxt is not None:
+                    state = nxt
+                    break
+                if state == 0:
+                    break
+                state = fail[state]
+            if match[state]:
+                return state, i + 1
+        return state, -1
+
+
+@functools.lru_cache(maxsize=16)
+def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
+    """The automaton for these stop strings, shared by the sequences that use them."""
+    return StopMatcher(stops)
 
 
 class IncrementalDetokenizer:
@@ -61,9 +134,8 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._stops: tuple[str, ...] = tuple(dict.fromkeys(stop))  # dedupe, keep order
         self._include_stop = include_stop_str_in_output
-        self._max_stop_len = max((len(s) for s in self._stops), default=0)
-        # Every proper prefix of every stop string: a text suffix in here may grow into a stop.
-        self._stop_prefixes = {s[:k] for s in self._stops for k in range(1, len(s))}
+        self._matcher = stop_matcher(self._stops) if self._stops else None
+        self._state = 0  # the matcher's state after self._text
 
         self._ids: list[int] = []
         self._prefix_offset = 0  # window start (context tokens already emitted)
@@ -95,15 +167,15 @@ class IncrementalDetokenizer:
             )
         self._ids.append(token_id)
         old_len = len(self._text)
-        if not self._advance() or not self._stops:
+        if not self._advance() or self._matcher is None:
             return None
-        match = self._find_stop(self._text, old_len)
-        if match is None:
+        self._state, end = self._matcher.feed(self._state, self._text, old_len)
+        if end == -1:
             return None
-        start, end, stop = match
-        self._stop_string = stop
+        start = end - self._matcher.match[self._state]
+        self._stop_string = self._text[start:end]
         self._final_text = self._text[: end if self._include_stop else start]
-        return stop
+        return self._stop_string
 
     def text(self, finished: bool) -> str:
         """The cumulative output text that is safe to show.
@@ -116,14 +188,16 @@ class IncrementalDetokenizer:
             return self._final_text
         if finished:
             full = self._text + self._pending_text()
-            match = self._find_stop(full, len(self._text)) if self._stops else None
-            if match is None:
+            if self._matcher is None:
                 return full
-            start, end, _ = match
-            return full[: end if self._include_stop else start]
-        if not self._stops or self._include_stop:
+            state, end = self._matcher.feed(self._state, full, len(self._text))
+            if end == -1:
+                return full
+            return full[: end if self._include_stop else end - self._matcher.match[state]]
+        if self._matcher is None or self._include_stop:
             return self._text
-        return self._text[: len(self._text) - self._held_back(self._text)]
+        # the longest suffix that may still grow into a stop string
+        return self._text[: len(self._text) - self._matcher.depth[self._state]]
 
     # ------------------------------------------------------------------ internals
 
@@ -152,26 +226,3 @@ class IncrementalDetokenizer:
             # the first token specially (SentencePiece's leading space) still see it.
             self._prefix_text = window_text
         return True
-
-    def _find_stop(self, text: str, old_len: int) -> tuple[int, int, str] | None:
-        """Earliest-ending stop string in ``text`` that ends after ``old_len``.
-
-        Returns ``(start, end, stop)``. Earliest *end* is what a character-by-character stream
-        would hit first; ties go to the earlier start (the longer stop string).
-        """
-        best: tuple[int, int, str] | None = None
-        for stop in self._stops:
-            start = text.find(stop, max(0, old_len - len(stop) + 1))
-            if start == -1:
-                continue
-            end = start + len(stop)
-            if best is None or (end, start) < (best[1], best[0]):
-                best = (start, end, stop)
-        return best
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-        for k in range(min(len(text), self._max_stop_len - 1), 0, -1):
-            if text[-k:] in self._stop_prefixes:
-                return k
-        return 0
