@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -34,6 +36,53 @@ from typing import Any
 _SAMPLING_EPS = 1e-5
 
 DEFAULT_MAX_WHITESPACE = 20
+
+# ---- limits: every value must fit the tensors and loops it ends up in ------------------
+# (the server exposes these; a value outside them is a ValueError naming the field)
+MAX_N = 128                      # sequences per request
+MAX_TOP_K = 2**31 - 1            # top_k above the vocabulary is clamped to it when sampling
+MAX_LOGPROBS = 20                # logprobs and prompt_logprobs
+MAX_TOKENS_LIMIT = 2**31 - 1     # max_tokens, min_tokens (the context caps them anyway)
+MAX_TOKEN_ID = 2**31 - 1         # token ids in stop_token_ids / logit_bias (then the vocab)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64; seed + i for the n sequences stays < 2**64
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_LEN = 1024       # characters, each
+MAX_STOP_TOTAL_LEN = 16 * 1024   # characters, all stop strings together
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024            # entries
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+# structured outputs
+MAX_CONSTRAINT_LEN = 64 * 1024   # characters of a schema / tag (as JSON), regex, grammar, choices
+MAX_CHOICES = 1024               # entries of a choice list
+MAX_ENUM = 1024                  # entries of one JSON-schema enum
+MAX_SCHEMA_DEPTH = 64            # nesting of a JSON schema / structural tag
+MAX_WHITESPACE_LIMIT = 1000      # max_whitespace (a bounded repetition in the grammar)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _json_depth_and_enums(value: Any, name: str) -> None:
+    """Refuses a schema nested deeper than MAX_SCHEMA_DEPTH or with an enum longer than
+    MAX_ENUM (iteratively: a deep document must not exhaust the Python stack)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"{name} is nested more than {MAX_SCHEMA_DEPTH} levels deep.")
+        if isinstance(node, dict):
+            enum = node.get("enum")
+            if isinstance(enum, list) and len(enum) > MAX_ENUM:
+                raise ValueError(f"{name} has an enum of {len(enum)} values; at most "
+                                 f"{MAX_ENUM} are allowed.")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
@@ -59,10 +108,17 @@ class StructuredOutputsParams:
         for name in ("json", "structural_tag"):
             value = getattr(self, name)
             if isinstance(value, str):
+                if len(value) > MAX_CONSTRAINT_LEN:
+                    raise ValueError(f"{name} is {len(value)} characters long; at most "
+                                     f"{MAX_CONSTRAINT_LEN} are allowed.")
                 try:
                     setattr(self, name, json.loads(value))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{name} is not valid JSON: {e}") from e
+                except RecursionError as e:
+                    raise ValueError(f"{name} is nested too deeply.") from e
+            if isinstance(getattr(self, name), dict | list):
+                _json_depth_and_enums(getattr(self, name), name)
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError("json must be a JSON schema, i.e. a JSON object.")
         if self.structural_tag is not None and not isinstance(self.structural_tag, dict):
@@ -71,15 +127,29 @@ class StructuredOutputsParams:
             if (not isinstance(self.choice, list) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
                 raise ValueError("choice must be a non-empty list of non-empty strings.")
+            if len(self.choice) > MAX_CHOICES:
+                raise ValueError(f"choice has {len(self.choice)} entries; at most "
+                                 f"{MAX_CHOICES} are allowed.")
+            total = sum(len(c) for c in self.choice)
+            if total > MAX_CONSTRAINT_LEN:
+                raise ValueError(f"choice holds {total} characters; at most "
+                                 f"{MAX_CONSTRAINT_LEN} are allowed.")
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"{name} must be a non-empty string.")
-        if self.max_whitespace is not None and (not isinstance(self.max_whitespace, int)
-                                                or self.max_whitespace < 1):
-            raise ValueError(f"max_whitespace must be an integer >= 1 or None, got "
-                             f"{self.max_whitespace!r}.")
+            if value is not None and len(value) > MAX_CONSTRAINT_LEN:
+                raise ValueError(f"{name} is {len(value)} characters long; at most "
+                                 f"{MAX_CONSTRAINT_LEN} are allowed.")
+        if self.max_whitespace is not None and (
+                not _is_int(self.max_whitespace)
+                or not 1 <= self.max_whitespace <= MAX_WHITESPACE_LIMIT):
+            raise ValueError(f"max_whitespace must be an integer in [1, {MAX_WHITESPACE_LIMIT}] "
+                             f"or None, got {self.max_whitespace!r}.")
         self._key = self._make_key(given[0])
+        if given[0] in ("json", "structural_tag") and len(self._key[1]) > MAX_CONSTRAINT_LEN:
+            raise ValueError(f"{given[0]} is {len(self._key[1])} characters long as JSON; "
+                             f"at most {MAX_CONSTRAINT_LEN} are allowed.")
 
     @property
     def kind(self) -> str:
@@ -139,13 +209,7 @@ class SamplingParams:
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._normalize_lists()
         if isinstance(self.structured_outputs, dict):
             try:
                 self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
@@ -155,67 +219,121 @@ class SamplingParams:
               and not isinstance(self.structured_outputs, StructuredOutputsParams)):
             raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict "
                              f"of its fields, got {type(self.structured_outputs).__name__}.")
-        if self.logit_bias:
-            try:
-                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except (TypeError, ValueError) as e:
-                raise ValueError(
-                    f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
-                ) from e
+        self._verify()
         if self.top_k == -1:
             self.top_k = 0
         if self.temperature < _SAMPLING_EPS:
             # Greedy: the other knobs cannot change the outcome; keep them neutral.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
-        self._verify()
         self._all_stop_token_ids = set(self.stop_token_ids)
+
+    def _normalize_lists(self) -> None:
+        """stop, stop_token_ids and logit_bias as a list, a list and a dict of ints to
+        floats, their sizes checked before anything is built from them."""
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, list | tuple):
+            self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got "
+                             f"{type(self.stop).__name__}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} "
+                             "are allowed.")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, list | tuple | set | frozenset):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError("stop_token_ids must be a list of token ids, got "
+                             f"{type(self.stop_token_ids).__name__}.")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} entries; at most "
+                             f"{MAX_STOP_TOKEN_IDS} are allowed.")
+        if self.logit_bias:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError("logit_bias must map token ids to numbers, got "
+                                 f"{type(self.logit_bias).__name__}.")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most "
+                                 f"{MAX_LOGIT_BIAS} are allowed.")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                tok = _token_id(k)
+                if tok is None or not _is_real(v) and not isinstance(v, str):
+                    raise ValueError(f"logit_bias must map token ids to numbers, got "
+                                     f"{k!r}: {v!r}.")
+                try:
+                    bias[tok] = float(v)
+                except (TypeError, ValueError, OverflowError) as e:
+                    raise ValueError(f"logit_bias must map token ids to numbers, got "
+                                     f"{k!r}: {v!r}.") from e
+            self.logit_bias = bias
 
     def _verify(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}.")
 
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", "must be in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", "must be in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "must be in (0, 2]")
-        if self.temperature < 0.0:
-            raise bad("temperature", "must be non-negative")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be -1 or 0 (disabled) or a positive integer")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
-                                            or self.max_tokens < 1):
-            raise bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "must be an integer >= 0")
+        def integer(name: str, lo: int, hi: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if not _is_int(value) or not lo <= value <= hi:
+                raise bad(name, f"must be an integer in [{lo}, {hi}]")
+            setattr(self, name, int(value))
+
+        def real(name: str, lo: float, hi: float, lo_open: bool = False) -> None:
+            value = getattr(self, name)
+            if (not _is_real(value) or not math.isfinite(value) or not lo <= value <= hi
+                    or (lo_open and value == lo)):
+                raise bad(name, f"must be a finite number in {'(' if lo_open else '['}"
+                                f"{lo:g}, {hi:g}]")
+            setattr(self, name, float(value))
+
+        integer("n", 1, MAX_N)
+        real("presence_penalty", -2.0, 2.0)
+        real("frequency_penalty", -2.0, 2.0)
+        real("repetition_penalty", 0.0, 2.0, lo_open=True)
+        if (not _is_real(self.temperature) or not math.isfinite(self.temperature)
+                or self.temperature < 0):
+            raise bad("temperature", "must be a finite number >= 0")
+        self.temperature = float(self.temperature)
+        real("top_p", 0.0, 1.0, lo_open=True)
+        if not _is_int(self.top_k) or not (self.top_k == -1 or 0 <= self.top_k <= MAX_TOP_K):
+            raise bad("top_k", f"must be -1 or 0 (disabled) or an integer in [1, {MAX_TOP_K}]")
+        self.top_k = int(self.top_k)
+        real("min_p", 0.0, 1.0)
+        integer("seed", *SEED_RANGE, optional=True)
+        integer("max_tokens", 1, MAX_TOKENS_LIMIT, optional=True)
+        integer("min_tokens", 0, MAX_TOKENS_LIMIT)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})."
             )
-        if self.logprobs is not None and (not isinstance(self.logprobs, int)
-                                          or not 0 <= self.logprobs <= 20):
-            raise bad("logprobs", "must be an integer in [0, 20]")
-        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
-                                                 or not 0 <= self.prompt_logprobs <= 20):
-            raise bad("prompt_logprobs", "must be an integer in [0, 20]")
+        integer("logprobs", 0, MAX_LOGPROBS, optional=True)
+        integer("prompt_logprobs", 0, MAX_LOGPROBS, optional=True)
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise bad("stop", "must contain only non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must contain only non-negative integer token ids")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_STRING_LEN:
+            raise ValueError(f"stop strings may be at most {MAX_STOP_STRING_LEN} characters "
+                             f"long, got one of {longest}.")
+        total = sum(len(s) for s in self.stop)
+        if total > MAX_STOP_TOTAL_LEN:
+            raise ValueError(f"stop strings may hold at most {MAX_STOP_TOTAL_LEN} characters "
+                             f"together, got {total}.")
+        if any(not _is_int(t) or not 0 <= t <= MAX_TOKEN_ID for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must contain only token ids (integers in "
+                                        f"[0, {MAX_TOKEN_ID}])")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        lo, hi = LOGIT_BIAS_RANGE
         for tok, bias in (self.logit_bias or {}).items():
-            if tok < 0:
-                raise ValueError(f"logit_bias has a negative token id {tok}.")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} "
+            if not 0 <= tok <= MAX_TOKEN_ID:
+                raise ValueError(f"logit_bias has a token id {tok} outside [0, {MAX_TOKEN_ID}].")
+            if not math.isfinite(bias) or not lo <= bias <= hi:
+                raise ValueError(f"logit_bias values must be in [{lo:g}, {hi:g}], got {bias} "
                                  f"for token {tok}.")
 
     def verify_vocab(self, vocab_size: int) -> None:
@@ -236,4 +354,22 @@ class SamplingParams:
         return self._all_stop_token_ids
 
     def clone(self) -> SamplingParams:
-        return copy.deepcopy(self)
+        """A shallow copy: the big fields (stop strings, logit_bias, the constraint) are
+        shared, never mutated after validation. The engine makes one per sequence of an
+        ``n > 1`` request and sets only its scalars (``n``, ``seed``)."""
+        return copy.copy(self)
+
+
+def _token_id(key: Any) -> int | None:
+    """A logit_bias key as a token id (an integer, or its decimal text as JSON keys are),
+    or None."""
+    if _is_int(key):
+        return int(key)
+    if isinstance(key, str) and len(key) <= 20:
+        try:
+            return int(key)
+        except ValueError:
+            return None
+    if isinstance(key, float) and key.is_integer():
+        return int(key)
+    return None

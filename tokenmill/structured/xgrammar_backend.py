@@ -31,6 +31,8 @@ from tokenmill.sampling_params import StructuredOutputsParams
 from tokenmill.structured.backend import GrammarBackend, GrammarMatcher
 from tokenmill.tokenizer import Tokenizer
 
+XGRAMMAR_CACHE_BYTES = 64 * 1024 * 1024
+
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; users need the rest.
 _CPP_PREFIX = re.compile(r"^\s*\[[\d:]+\]\s+\S+:\d+:\s*")
 
@@ -98,7 +100,11 @@ class XGrammarBackend(GrammarBackend):
             stop_token_ids=sorted(tokenizer.eos_token_ids) or None,
             add_prefix_space=meta["add_prefix_space"])
         self.vocab_size = vocab_size
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=compile_threads)
+        # xgrammar's own cache (keyed by grammar) is unlimited by default; ours in
+        # manager.py is the main one, this one is bounded in bytes too
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=compile_threads,
+                                            cache_enabled=True,
+                                            cache_limit_bytes=XGRAMMAR_CACHE_BYTES)
 
     # ---- parse and compile -------------------------------------------------------------
     def parse(self, params: StructuredOutputsParams) -> xgr.Grammar:
