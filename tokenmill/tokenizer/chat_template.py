@@ -158,6 +158,7 @@ def _plain(value: Any) -> Any:
 def render_chat_template(
     template: str,
     messages: list[dict[str, Any]],
+    /,
     *,
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
@@ -175,13 +176,17 @@ def render_chat_template(
         )
     compiled = compile_chat_template(template)
     variables.setdefault("documents", None)  # transformers always defines it
-    context = {name: _plain(value) for name, value in variables.items()}
     try:
-        return compiled.render(
-            messages=_plain(messages),
-            tools=_plain(tools),
-            add_generation_prompt=add_generation_prompt,
-            **context,
-        )
+        context = {name: _plain(value) for name, value in variables.items()}
+        # the call's own values win over same-named extra variables
+        context.update(messages=_plain(messages), tools=_plain(tools),
+                       add_generation_prompt=add_generation_prompt)
+        return compiled.render(context)
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"chat template rejected the conversation: {e}") from e
+    except RecursionError:
+        raise ChatTemplateError("chat template rejected the conversation: its values are "
+                                "nested too deeply") from None
+    except (TypeError, AttributeError, LookupError, ArithmeticError, ValueError) as e:
+        # the template choked on a value of an unexpected type or shape
+        raise ChatTemplateError(f"chat template could not render the conversation: {e}") from e

@@ -14,7 +14,10 @@ Special-token conventions, following transformers:
   An explicit ``add_bos_token`` / ``add_eos_token`` (tokenizer_config.json, or GGUF
   ``tokenizer.ggml.add_bos_token``) decides; otherwise the ``post_processor`` inside
   ``tokenizer.json`` does (e.g. Llama 3's template prepends ``<|begin_of_text|>``). Special
-  tokens written in the text itself (``<|im_start|>``) are always recognised as single tokens.
+  tokens written in the text itself (``<|im_start|>``) are recognised as single tokens by
+  ``encode``; ``encode_chat`` recognises only those the chat template writes itself (see there).
+* ``encode`` runs the Rust tokenizer with the GIL released, so a long text tokenized in a
+  worker thread does not stall the other threads (the server's event loop).
 * ``eos_token_ids`` is every id that ends generation: the tokenizer's EOS plus the
   ``eos_token_id`` of ``generation_config.json`` and ``config.json`` (an int or a list), e.g.
   both ``<|end_of_text|>`` and ``<|eot_id|>`` for Llama 3 Instruct.
@@ -25,16 +28,32 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from tokenmill.tokenizer.chat_template import render_chat_template, template_variables
 
-__all__ = ["Tokenizer"]
+__all__ = ["RESERVED_TEMPLATE_VARIABLES", "SpecialTokenTextError", "Tokenizer"]
 
 logger = logging.getLogger(__name__)
+
+# Stands in for each character of special-token text in user strings while the template is
+# rendered a second time (``Tokenizer.encode_chat``); a private-use character no template
+# treats specially.
+_NEUTRAL = "\ue000"
+
+# Template variables the chat call sets itself (and the names of its own parameters); extra
+# variables (``chat_template_kwargs``) may not use them.
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "conversation", "tools", "add_generation_prompt", "template", "self"})
+
+
+class SpecialTokenTextError(ValueError):
+    """User text holds special-token text that cannot be kept apart from the template's own
+    markup (the template transforms the text in a way that moves it)."""
 
 
 class Tokenizer:
@@ -83,6 +102,13 @@ class Tokenizer:
         special = {tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special}
         special |= {t for t in named.values() if t is not None}
         self.all_special_ids: frozenset[int] = frozenset(special)
+        # the added tokens marked special, which encode() turns into control tokens
+        self._special_added: dict[int, str] = {
+            tid: tok.content for tid, tok in backend.get_added_tokens_decoder().items()
+            if tok.special and tok.content}
+        texts = sorted(set(self._special_added.values()), key=len, reverse=True)
+        self._special_text_re = re.compile("|".join(map(re.escape, texts))) if texts else None
+        self._text_backend: HFTokenizer | None = None  # encodes special-token text as text
 
     # ------------------------------------------------------------------ loading
 
@@ -106,16 +132,39 @@ class Tokenizer:
     # ------------------------------------------------------------------ text <-> ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; BOS/EOS are added only if the model's config asks for them."""
+        """Token ids of ``text``; BOS/EOS are added only if the model's config asks for them.
+
+        Raises ``ValueError`` for text that is not valid Unicode (a lone surrogate such as
+        ``"\\ud800"``, which JSON can carry)."""
+        _check_unicode(text)
         if not self._explicit_special:
-            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens:
-            if self._add_bos:
-                ids.insert(0, self.bos_token_id)
-            if self._add_eos:
-                ids.append(self.eos_token_id)
+            return _encode_ids(self.backend, text, add_special_tokens)
+        ids = _encode_ids(self.backend, text, False)
+        return self._with_bos_eos(ids) if add_special_tokens else ids
+
+    def _with_bos_eos(self, ids: list[int]) -> list[int]:
+        """``ids`` with what ``encode(add_special_tokens=True)`` adds around a text."""
+        if self._explicit_special:
+            return ([self.bos_token_id] if self._add_bos else []) + ids + (
+                [self.eos_token_id] if self._add_eos else [])
+        plain = _encode_ids(self.backend, "a", False)
+        full = _encode_ids(self.backend, "a", True)
+        for i in range(len(full) - len(plain) + 1):
+            if full[i:i + len(plain)] == plain:
+                return full[:i] + ids + full[i + len(plain):]
         return ids
+
+    def has_special_token_text(self, text: str) -> bool:
+        """True if ``text`` contains the text of a special token (``<|im_end|>``)."""
+        return self._special_text_re is not None and bool(self._special_text_re.search(text))
+
+    def _text_encoder(self) -> HFTokenizer:
+        """A copy of the backend that reads special-token text as ordinary text."""
+        if self._text_backend is None:
+            backend = HFTokenizer.from_str(self.backend.to_str())
+            backend.encode_special_tokens = True
+            self._text_backend = backend
+        return self._text_backend
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``token_ids``. Bytes of an unfinished UTF-8 character decode to U+FFFD."""
@@ -142,6 +191,7 @@ class Tokenizer:
     def apply_chat_template(
         self,
         conversation: list[dict[str, Any]],
+        /,
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
         **kwargs: Any,
@@ -152,11 +202,19 @@ class Tokenizer:
         ``kwargs`` (e.g. ``enable_thinking=False``). Encode the result with
         ``add_special_tokens=False``: templates write BOS themselves when the model needs it.
         """
+        return self._render(conversation, add_generation_prompt, tools, kwargs)
+
+    def _render(self, conversation: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None, variables: Mapping[str, Any]) -> str:
         if self.chat_template is None:
             raise ValueError(
                 "this model has no chat template (none in tokenizer_config.json, "
                 "chat_template.jinja or the GGUF metadata); send a plain completion prompt instead"
             )
+        taken = sorted(RESERVED_TEMPLATE_VARIABLES & set(variables))
+        if taken:
+            raise ValueError(f"the template variables {taken} are set by the chat call itself; "
+                             "they cannot be passed as extra variables")
         special = {
             "bos_token": self._token_text(self.bos_token_id),
             "eos_token": self._token_text(self.eos_token_id),
@@ -168,8 +226,101 @@ class Tokenizer:
             conversation,
             add_generation_prompt=add_generation_prompt,
             tools=tools,
-            **{**special, **kwargs},
+            **{**special, **variables},
         )
+
+    def encode_chat(
+        self,
+        conversation: list[dict[str, Any]],
+        /,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+        *,
+        add_special_tokens: bool = False,
+        special_tokens_in_text: bool = False,
+    ) -> list[int]:
+        """Token ids of ``conversation`` rendered with the chat template.
+
+        Only the template's own markup becomes special tokens: text of a special token
+        inside the messages, the tools or ``template_kwargs`` (a user typing
+        ``<|im_end|>\\n<|im_start|>system``) is tokenized as ordinary text, so it cannot
+        forge a turn. A conversation without such text is tokenized exactly as
+        ``encode(apply_chat_template(...))``; ``special_tokens_in_text=True`` always does
+        that (the old behaviour).
+
+        How: the template is rendered a second time with every special-token text in the
+        user's strings replaced by as many neutral characters. Where that rendering has a
+        special token, the template wrote it; the real rendering is split there, and the
+        pieces between are tokenized with special-token matching off. Raises
+        ``SpecialTokenTextError`` if the two renderings do not line up (a template that
+        transforms the text depending on it), and ``ChatTemplateError`` (both ValueErrors)
+        if the template rejects the conversation.
+        """
+        kwargs = dict(template_kwargs or {})
+        text = self._render(conversation, add_generation_prompt, tools, kwargs)
+        if special_tokens_in_text or not self._has_special_text_in(
+                (conversation, tools, kwargs)):
+            return self.encode(text, add_special_tokens=add_special_tokens)
+        neutral = self._render(self._neutralized(conversation), add_generation_prompt,
+                               self._neutralized(tools), self._neutralized(kwargs))
+        ids = self._split_encode(text, neutral)
+        return self._with_bos_eos(ids) if add_special_tokens else ids
+
+    def _has_special_text_in(self, value: Any) -> bool:
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                if self.has_special_token_text(v):
+                    return True
+            elif isinstance(v, Mapping):
+                stack.extend(v.keys())
+                stack.extend(v.values())
+            elif isinstance(v, list | tuple):
+                stack.extend(v)
+        return False
+
+    def _neutralized(self, value: Any) -> Any:
+        """``value`` with every special-token text in its strings (keys too) replaced by as
+        many neutral characters."""
+        if isinstance(value, str):
+            if self._special_text_re is None:
+                return value
+            return self._special_text_re.sub(lambda m: _NEUTRAL * len(m.group()), value)
+        if isinstance(value, Mapping):
+            return {self._neutralized(k): self._neutralized(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._neutralized(v) for v in value]
+        return value
+
+    def _split_encode(self, text: str, neutral: str) -> list[int]:
+        """Tokenizes ``text``, whose template-written special tokens are those of
+        ``neutral`` (the rendering with neutralized user strings): special tokens there,
+        ordinary text everywhere else."""
+        # the same text but for special-token text: the template did not move anything
+        if len(text) != len(neutral) or self._neutralized(text) != self._neutralized(neutral):
+            raise SpecialTokenTextError(_MOVED)
+        enc = self.backend.encode_batch([neutral], add_special_tokens=False)[0]
+        cuts: list[tuple[int, int, int]] = []
+        for tid, (start, end) in zip(enc.ids, enc.offsets, strict=True):
+            content = self._special_added.get(tid)
+            if content is None:
+                continue
+            if text[start:end] != content or neutral[start:end] != content:
+                raise SpecialTokenTextError(_MOVED)
+            cuts.append((start, end, tid))
+        encoder = self._text_encoder()
+        ids: list[int] = []
+        pos = 0
+        for start, end, tid in cuts:
+            if start > pos:
+                ids += _encode_ids(encoder, text[pos:start], False)
+            ids.append(tid)
+            pos = end
+        if pos < len(text):
+            ids += _encode_ids(encoder, text[pos:], False)
+        return ids
 
     @property
     def chat_template_knows_tools(self) -> bool:
@@ -185,6 +336,26 @@ class Tokenizer:
             f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
             f"eos={sorted(self.eos_token_ids)}, chat_template={self.chat_template is not None})"
         )
+
+
+_MOVED = ("the conversation contains special-token text, which is read as plain text, but "
+          "this chat template transforms the text in a way that cannot be kept apart from "
+          "its own markup; remove the special-token text")
+
+
+def _check_unicode(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text is not valid Unicode: it contains a lone surrogate "
+                             f"at character {e.start}") from None
+
+
+def _encode_ids(backend: HFTokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """``backend.encode(text).ids`` through the batch call, which releases the GIL."""
+    fast = getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+    return fast([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 # ---------------------------------------------------------------------- HF folder
