@@ -31,6 +31,46 @@ def test_min_tokens_above_max_tokens_is_refused():
         SamplingParams(min_tokens=5, max_tokens=2)
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 10**20), ("top_k", 2**31), ("seed", 2**64), ("seed", -(2**63) - 1),
+    ("n", 129), ("n", True), ("n", 2.0), ("temperature", NAN), ("temperature", INF),
+    ("top_p", NAN), ("min_p", NAN), ("presence_penalty", NAN), ("frequency_penalty", INF),
+    ("repetition_penalty", NAN), ("max_tokens", 2**63), ("min_tokens", 2**63),
+    ("logprobs", True), ("prompt_logprobs", 2**70), ("stop_token_ids", [2**63]),
+    ("stop_token_ids", list(range(1025))), ("stop_token_ids", "12"),
+    ("logit_bias", {2**63: 1.0}), ("logit_bias", {INF: 1.0}), ("logit_bias", {1: NAN}),
+    ("logit_bias", {"1e400": 1.0}), ("logit_bias", dict.fromkeys(range(1025), 1.0)),
+    ("stop", ["x"] * 65), ("stop", ["x" * 1025]), ("stop", ["x" * 1000] * 17), ("stop", 5),
+])
+def test_every_value_fits_what_it_becomes(field, value):
+    """A value a tensor, a generator or a loop cannot take is a ValueError naming the
+    field, whatever the temperature (top_k=1e20 once killed the engine thread)."""
+    for temperature in (0.0, 1.0):
+        kwargs = {"temperature": temperature, field: value}
+        with pytest.raises(ValueError, match=field.split("_")[0]):
+            SamplingParams(**kwargs)
+
+
+def test_the_largest_accepted_values_work():
+    p = SamplingParams(top_k=2**31 - 1, seed=2**63 - 1, n=128, logprobs=20,
+                       stop=["x" * 1024] * 16, logit_bias=dict.fromkeys(range(1024), 1.0))
+    assert p.top_k == 2**31 - 1 and p.seed == 2**63 - 1
+    assert SamplingParams(top_k=-1).top_k == 0
+    assert SamplingParams(logit_bias={"7": 2}).logit_bias == {7: 2.0}
+
+
+def test_top_k_above_the_vocabulary_is_clamped_when_sampling():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    sampler = Sampler(vocab_size=4, seed=3)
+    p = SamplingParams(temperature=1.0, top_k=2**31 - 1)
+    assert sampler(logits, batch([request(p)])).token_ids[0] in range(4)
+    p.top_k = 10**20  # past validation: the sampler still builds no tensor from it
+    assert sampler(logits, batch([request(p)])).token_ids[0] in range(4)
+
+
 def batch(seqs: list[Sequence]):
     """The sampler's view of these sequences, as the model runner builds it."""
     return sampling_metadata(seqs)
@@ -162,3 +202,21 @@ def test_prompt_logprobs_match_transformers(tiny_llm, tiny_model_dir):
         assert len([t for t, lp in entry.items() if lp.rank <= 3]) == 3
         for tok, lp in entry.items():
             assert abs(lp.logprob - ref[pos - 1, tok].item()) < 1e-3
+
+
+def test_n_sequences_share_the_big_fields(tiny_llm):
+    """n sequences are shallow copies: logit_bias, its tensors, stop strings and stop ids
+    exist once per request (a deep copy per sequence cost 753 MiB for 2 x 128)."""
+    bias = dict.fromkeys(range(500), 0.5)
+    params = SamplingParams(n=8, seed=7, temperature=1.0, logit_bias=bias,
+                            stop_token_ids=list(range(400, 500)))
+    seqs = tiny_llm.engine.make_request([1, 2, 3], params).sequences
+    first = seqs[0]
+    for s in seqs[1:]:
+        assert s.sampling_params.logit_bias is first.sampling_params.logit_bias
+        assert s.logit_bias[0] is first.logit_bias[0] and s.logit_bias[1] is first.logit_bias[1]
+        assert s.sampling_params.stop_token_ids is first.sampling_params.stop_token_ids
+    assert [s.sampling_params.seed for s in seqs] == list(range(7, 15))
+    assert all(s.sampling_params.n == 1 for s in seqs)
+    assert params.n == 8 and params.seed == 7  # the caller's params are untouched
+    assert first.logit_bias[0].tolist() == list(range(500))

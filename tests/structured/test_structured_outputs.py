@@ -78,6 +78,7 @@ def test_params_from_a_dict_and_shared_cache_key():
     ({"json": {"type": "object", "properties": {"a": {"minLength": "x"}}}},
      "properties/a/minLength"),
     ({"regex": "a(b"}, "invalid regex"),
+    ({"regex": "((ab|[^a]){0,30}){0,30}"}, "regex: nested repetitions"),
     ({"grammar": "root ::= foo"}, "invalid grammar.*foo"),
     ({"grammar": "root ::= "}, "invalid grammar"),
     ({"structural_tag": {"type": "structural_tag", "format": {"type": "nope"}}},
@@ -263,13 +264,63 @@ def test_a_compiling_grammar_does_not_stall_the_batch(gated_llm):
     assert_all_free(gated_llm)
 
 
-def test_a_grammar_that_fails_to_compile_aborts_only_its_request(gated_llm):
+def test_a_grammar_that_fails_to_compile_fails_only_its_request(gated_llm):
     GatedBackend.fail = True
     GatedBackend.gate.set()
     outs = gated_llm.generate(["Hi", "Hello"], [
         constrained(json=SCHEMAS["city"]), SamplingParams(temperature=0, max_tokens=4)],
         use_tqdm=False)
-    assert outs[0].outputs[0].finish_reason == "abort"
+    assert outs[0].outputs[0].finish_reason == "error"
     assert "out of grammar memory" in outs[0].outputs[0].stop_reason
     assert len(outs[1].outputs[0].token_ids) == 4
     assert_all_free(gated_llm)
+
+
+# ---- what one grammar may cost the engine thread ---------------------------------------------
+
+
+def test_a_grammar_over_its_mask_budget_ends_only_its_request(llm, monkeypatch):
+    """A sequence whose mask fill takes longer than the per-step budget (here: any) is
+    ended with an error after that step; its neighbour is not affected."""
+    from tokenmill.structured import manager
+
+    plain = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = llm.generate("Count to ten:", plain, use_tqdm=False)[0].outputs[0].token_ids
+    monkeypatch.setattr(manager, "MASK_STEP_BUDGET_S", -1.0)
+    outs = llm.generate(["Count to ten:", chat_ids(llm, "Describe a person.")],
+                        [plain, constrained(json=SCHEMAS["person"], max_tokens=50)],
+                        use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == expected
+    bad = outs[1].outputs[0]
+    assert bad.finish_reason == "error" and "too expensive" in bad.stop_reason
+    assert len(bad.token_ids) == 1  # one step, then ended
+    assert_all_free(llm)
+
+
+def test_a_compile_that_runs_too_long_fails_its_request(gated_llm, monkeypatch):
+    from tokenmill.structured import manager
+
+    monkeypatch.setattr(manager, "COMPILE_TIMEOUT_S", 0.0)
+    engine = gated_llm.engine
+    free_id = engine.add_request("Count to ten:", SamplingParams(temperature=0, max_tokens=4))
+    slow_id = engine.add_request("Hi", constrained(json=SCHEMAS["city"]))
+    finished = {}
+    for _ in range(400):  # the compile never ends (gated): the request must not wait for it
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        if not engine.has_unfinished_requests():
+            break
+    assert len(finished[free_id].outputs[0].token_ids) == 4
+    slow = finished[slow_id].outputs[0]
+    assert slow.finish_reason == "error" and "compiling took more than" in slow.stop_reason
+    assert_all_free(gated_llm)
+
+
+def test_compiled_grammars_are_accounted_in_bytes(llm):
+    structured = llm.engine.structured
+    llm.generate(chat_ids(llm, "A city?"), constrained(json=SCHEMAS["city"], max_tokens=5),
+                 use_tqdm=False)
+    assert structured.cached_bytes > 0  # xgrammar's CompiledGrammar.memory_size_bytes
+    assert structured.cached_bytes <= structured.cache_bytes
+    assert structured.backend.compiler.cache_limit_bytes > 0  # xgrammar's cache is bounded

@@ -6,8 +6,17 @@ Threads talk through two channels:
 
 - an *inbox* (a thread-safe queue) of commands, add and abort, that the engine thread
   applies between steps, so the scheduler is only ever touched by that thread;
-- one ``asyncio.Queue`` per request, filled from the engine thread with
-  ``loop.call_soon_threadsafe`` after every step that touched the request.
+- one ``Mailbox`` per request, filled from the engine thread with
+  ``loop.call_soon_threadsafe`` after every step that touched the request. Outputs are
+  cumulative (each carries the whole text so far), so the mailbox keeps only the latest:
+  a client that reads every step sees every step, one that stops reading costs one output,
+  not one per step.
+
+A request that fails (``finish_reason`` "error": its data broke a step, its grammar was too
+expensive or did not compile) ends its stream with ``RequestFailedError``; the others go
+on. Only a loop that cannot step at all (``MAX_STEP_FAILURES`` failures in a row that no
+request could be blamed for) is dead: every stream, then every new request, gets
+``EngineDeadError``.
 
 The engine is built in that thread too (``from_flags``), so it is the only thread that ever
 runs parallel (OpenMP) work. libgomp keeps a pool of worker threads per thread that starts
@@ -50,6 +59,18 @@ class EngineDeadError(RuntimeError):
     """The engine loop crashed; no request can be served (HTTP 500)."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed in the engine (HTTP 500 for it alone); ``output`` is its last
+    state, with ``finish_reason`` "error" and the reason in ``stop_reason``."""
+
+    def __init__(self, message: str, output: RequestOutput | None = None) -> None:
+        super().__init__(message)
+        self.output = output
+
+
+MAX_STEP_FAILURES = 3  # steps in a row raising outside any request: the engine is dead
+
+
 @dataclass(frozen=True)
 class EngineStats:
     num_running: int
@@ -64,13 +85,46 @@ class EngineStats:
 _STOP = object()
 
 
+class Mailbox:
+    """One stream's buffer: the latest item only (outputs are cumulative). A final item
+    (a finished output or an exception) is never replaced. Used on its event loop only."""
+
+    __slots__ = ("_item", "_full", "_event")
+
+    def __init__(self) -> None:
+        self._item = None
+        self._full = False
+        self._event = asyncio.Event()
+
+    def put_nowait(self, item) -> None:
+        if self._full and _is_final(self._item):
+            return
+        self._item, self._full = item, True
+        self._event.set()
+
+    async def get(self):
+        while not self._full:
+            await self._event.wait()
+            self._event.clear()
+        item, self._item, self._full = self._item, None, False
+        self._event.clear()
+        return item
+
+    def qsize(self) -> int:
+        return int(self._full)
+
+
+def _is_final(item) -> bool:
+    return isinstance(item, BaseException) or getattr(item, "finished", False)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine | None, max_queued_requests: int | None = None) -> None:
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Mailbox]] = {}
         self._pending_adds = 0  # added by generate(), not yet taken by the loop
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -197,7 +251,7 @@ class AsyncEngine:
                                      "queued; retry later")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use.")
-            stream: asyncio.Queue = asyncio.Queue()
+            stream = Mailbox()
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
             self._pending_adds += 1
         self._inbox.put(("add", user))
@@ -225,13 +279,24 @@ class AsyncEngine:
     # ---- the engine thread ------------------------------------------------------------
     def _run(self) -> None:
         busy = False
+        failures = 0
         try:
             while True:
                 if not self._drain_inbox():
                     return
                 if self.engine.has_unfinished_requests():
                     busy = True
-                    self._deliver_step(self.engine.step())
+                    try:
+                        outputs = self.engine.step()
+                    except Exception:
+                        # step() ends the requests it can blame itself; this is the rest
+                        failures += 1
+                        if failures >= MAX_STEP_FAILURES:
+                            raise
+                        logger.exception("engine step failed (%d in a row)", failures)
+                        continue
+                    failures = 0
+                    self._deliver_step(outputs)
                 else:
                     if busy:  # just went idle: a cheap check of every block invariant
                         busy = False
@@ -264,7 +329,10 @@ class AsyncEngine:
             if kind == "add":
                 self._add(arg)
             else:
-                self.engine.abort_request(arg)
+                try:
+                    self.engine.abort_request(arg)
+                except Exception:
+                    logger.exception("aborting request %s failed", arg)
 
     def _add(self, user: Request) -> None:
         with self._lock:
@@ -273,7 +341,10 @@ class AsyncEngine:
             return
         try:
             self.engine.enqueue(user)
-        except ValueError as e:
+        except Exception as e:
+            if not isinstance(e, ValueError):
+                logger.exception("queueing request %s failed", user.request_id)
+                self.engine.abort_request(user.request_id)
             self._deliver(user.request_id, e)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
@@ -284,7 +355,7 @@ class AsyncEngine:
         for out in outputs:
             entry = self._streams.get(out.request_id)
             if entry is not None:
-                by_loop.setdefault(entry[0], []).append((entry[1], out))
+                by_loop.setdefault(entry[0], []).append((entry[1], _failure(out) or out))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -302,6 +373,16 @@ class AsyncEngine:
             pass
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _failure(out: RequestOutput) -> RequestFailedError | None:
+    """The error a finished output that failed ends its stream with, or None."""
+    if not out.finished:
+        return None
+    for o in out.outputs:
+        if o.finish_reason == "error":
+            return RequestFailedError(f"request {out.request_id} failed: {o.stop_reason}", out)
+    return None
+
+
+def _put_all(items: list[tuple[Mailbox, RequestOutput]]) -> None:
     for stream, item in items:
         stream.put_nowait(item)

@@ -4,6 +4,13 @@ Both fronts drive this loop: ``LLM.generate`` calls ``step()`` until every reque
 done; the server's async engine calls it from a background task. A user request with
 ``n > 1`` becomes n sequences (``Sequence`` objects) that the scheduler treats
 independently; their results are gathered back into one ``RequestOutput``.
+
+A failure ends only the request whose data caused it. When running a step raises, its
+sequences are preempted and retried one at a time (``Scheduler.isolate``); one that fails
+alone, or whose own bookkeeping (grammar, detokenizer) raises, or whose grammar exceeds
+its budgets, is ended with ``finish_reason`` "error" and the reason in ``stop_reason``,
+with its siblings; its blocks are freed. ``step()`` itself raises only for what no
+request can be blamed for (the scheduler's own state).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.model_loading import load_model
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.engine.sequence import Sequence, SequenceStatus
+from tokenmill.engine.sequence import Sequence, SequenceStatus, logit_bias_tensors
 from tokenmill.layers.attention import attention_backend
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -120,14 +127,15 @@ class Engine:
         text, ids = self._tokenize(prompt)
         self._validate(ids, params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        bias = logit_bias_tensors(params)  # built once, shared by the n sequences
         seqs = []
         for i in range(params.n):
-            p = params.clone()
+            p = params.clone()  # shallow: the big fields are shared, never mutated
             p.n = 1
             if params.seed is not None:
                 p.seed = params.seed + i  # distinct but reproducible draws per sequence
             seq = Sequence(f"{request_id}-{i}", ids, p, self.eos_token_ids, priority, arrival,
-                          parent_id=request_id, index=i)
+                           parent_id=request_id, index=i, logit_bias=bias)
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=p.skip_special_tokens,
@@ -198,7 +206,16 @@ class Engine:
         for s in sched.scheduled:
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
-        result = self.runner.execute(sched)
+        # seeded generators are rewound if the step fails, so a retried neighbour draws
+        # what it would have drawn
+        generators = [(s.request.generator, s.request.generator.get_state())
+                      for s in sched.scheduled if s.request.generator is not None]
+        try:
+            result = self.runner.execute(sched)
+        except Exception as e:
+            for generator, state in generators:
+                generator.set_state(state)
+            return failed + self._step_failed(sched, e)
         self.scheduler.update_after_step(sched)
 
         touched: dict[str, Request] = {}
@@ -207,30 +224,71 @@ class Engine:
             entry = result.prompt_logprobs.get(id(req))
             if entry is not None:
                 first, entries = entry
-                if first == len(req.prompt_logprobs):
-                    req.prompt_logprobs.extend(self._decode_logprobs(entries))
+                try:
+                    if first == len(req.prompt_logprobs):
+                        req.prompt_logprobs.extend(self._decode_logprobs(entries))
+                except Exception as e:
+                    self._fail(req, "prompt logprobs", e)
+                    touched[req.parent_id] = self.requests[req.parent_id]
         so = result.sampler_output
         for i, req in enumerate(result.sampled_requests):
-            self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
-                               so.logprobs[i])
+            if req.is_finished:  # failed above
+                continue
+            try:
+                self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
+                                   so.logprobs[i])
+            except Exception as e:
+                self._fail(req, "handling its new token", e)
+            if req.grammar is not None and req.grammar.failure and not req.is_finished:
+                self._fail(req, None, req.grammar.failure)
             touched[req.parent_id] = self.requests[req.parent_id]
         return failed + [self._make_output(u) for u in touched.values()]
 
+    def _step_failed(self, sched, error: Exception) -> list[RequestOutput]:
+        """A step raised: a sequence that ran alone caused it and ends with an error;
+        otherwise every sequence of the step is retried alone, to find which."""
+        seqs = [s.request for s in sched.scheduled]
+        if len(seqs) == 1:
+            seq = seqs[0]
+            self._fail(seq, "running its step", error)
+            return [self._make_output(self.requests[seq.parent_id])]
+        logger.warning("a step of %d sequences raised %s: %s; retrying them one at a time",
+                       len(seqs), type(error).__name__, error)
+        self.scheduler.isolate(seqs)
+        return []
+
+    def _fail(self, seq: Sequence, during: str | None, error: BaseException | str) -> None:
+        """Ends a sequence and its siblings with finish_reason "error" (their blocks
+        freed); the output is made by the caller."""
+        if isinstance(error, BaseException):
+            message = f"{type(error).__name__}: {error}"
+            if during:
+                message = f"internal error while {during}: {message}"
+            logger.error("request %s failed while %s", seq.parent_id, during or "stepping",
+                         exc_info=error)
+        else:
+            message = error
+            logger.error("request %s failed: %s", seq.parent_id, message)
+        user = self.requests.get(seq.parent_id)
+        for s in (user.sequences if user is not None else [seq]):
+            if not s.is_finished:
+                s.stop_reason = message
+                s.metrics.finished_time = time.monotonic()
+                self.scheduler.finish_request(s, SequenceStatus.FINISHED_ERROR)
+
     def _check_compiling(self) -> list[RequestOutput]:
-        """Forgets sequences whose grammar is now compiled; ends (as aborted, with the
-        error as stop_reason) those whose grammar failed to compile."""
+        """Forgets sequences whose grammar is now compiled; ends (with an error, the reason
+        in stop_reason) those whose grammar failed to compile or timed out."""
         failed: dict[str, Request] = {}
         still = []
         for seq in self._compiling:
-            error = seq.grammar.error()
             if seq.is_finished or seq.grammar.ready():
                 continue
+            error = seq.grammar.error()
             if error is None:
                 still.append(seq)
                 continue
-            logger.error("grammar of %s failed to compile: %s", seq.request_id, error)
-            seq.stop_reason = f"grammar compilation failed: {error}"
-            self.scheduler.finish_request(seq, SequenceStatus.FINISHED_ABORTED)
+            self._fail(seq, None, f"grammar compilation failed: {error}")
             if seq.parent_id in self.requests:
                 failed[seq.parent_id] = self.requests[seq.parent_id]
         self._compiling = still
@@ -278,10 +336,15 @@ class Engine:
             self.scheduler.finish_request(req, status)
 
     def _make_output(self, user: Request) -> RequestOutput:
+        try:
+            texts = [s.detokenizer.text(s.is_finished) if s.detokenizer is not None else ""
+                     for s in user.sequences]
+        except Exception as e:
+            self._fail(user.sequences[0], "detokenizing", e)
+            texts = [""] * len(user.sequences)
         finished = all(s.is_finished for s in user.sequences)
         outs = []
-        for s in user.sequences:
-            text = s.detokenizer.text(s.is_finished) if s.detokenizer is not None else ""
+        for s, text in zip(user.sequences, texts, strict=True):
             outs.append(CompletionOutput(
                 index=s.index, text=text, token_ids=list(s.output_token_ids),
                 cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,

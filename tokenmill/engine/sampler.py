@@ -29,7 +29,7 @@ class SamplingRow:
 
     params: SamplingParams
     generator: torch.Generator | None  # the request's own, if it has a seed
-    grammar: Any | None                # a ``RequestGrammar`` (backend + matcher), if any
+    grammar: Any | None                # a ``RequestGrammar`` (backend, matcher, fill), if any
     banned_token_ids: frozenset[int]   # stop/EOS tokens ``min_tokens`` bans at this step
     output_token_ids: list[int]
     # prompt + output token ids, given only when the repetition penalty needs them
@@ -118,8 +118,8 @@ class Sampler:
         backend = rows[grammar_rows[0]].grammar.backend
         if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
             self._bitmask = backend.allocate_bitmask(max(logits.shape[0], 8))
-        backend.fill_bitmask([rows[i].grammar.matcher for i in grammar_rows], self._bitmask,
-                             grammar_rows)
+        for i in grammar_rows:  # each fill timed against the grammar's budget
+            rows[i].grammar.fill_bitmask(self._bitmask, i)
         backend.apply_bitmask(logits, self._bitmask, grammar_rows)
         # only the min_tokens ban sets -inf before this point, so only its rows can have
         # lost every token the grammar allows
@@ -178,7 +178,8 @@ def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -
     top_p (the most likely token always survives)."""
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ks = torch.tensor([k if k > 0 else vocab for k in top_ks]).clamp(max=vocab)
+    # clamped in Python: a tensor cannot hold every int a user may send
+    ks = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks])
     positions = torch.arange(vocab).unsqueeze(0)
     drop = positions >= ks.unsqueeze(1)
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)

@@ -13,6 +13,12 @@ arrival first, frees all its blocks and puts it back at the head of the waiting 
 When it is admitted again it recomputes its prompt and the tokens it had generated
 (recompute preemption): nothing is lost, only work is repeated. A step that preempted
 admits no new request, so the pool is not immediately oversubscribed again.
+
+Failure isolation: when a step raises (the model, the sampler, a grammar), the engine hands
+its sequences to ``isolate()``: each is preempted by recompute and marked *suspect*. While
+suspects remain, a step schedules one suspect and nothing else (preempting others if it
+needs their blocks), until it has sampled a token alone: then it is cleared. A suspect
+that fails alone is the one whose data broke the step; the engine ends it with an error.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key()
         self.running: list[Sequence] = []
+        self.suspects: list[Sequence] = []  # isolated after a failed step, in order
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------
@@ -52,6 +59,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.blocks.free(request)
+        self._clear_suspect(request)
 
     @property
     def num_unfinished(self) -> int:
@@ -59,6 +67,8 @@ class Scheduler:
 
     # ---- the step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.suspects:
+            return self._schedule_suspect(self.suspects[0])
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[int, ScheduledSequence] = {}  # id(request) -> its share
@@ -158,10 +168,66 @@ class Scheduler:
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Marks the scheduled tokens as computed (their K/V is now in the cache) and
-        publishes newly completed blocks to the prefix cache."""
+        publishes newly completed blocks to the prefix cache. A suspect that sampled (it
+        ran alone) is cleared."""
         for s in out.scheduled:
+            sampled = s.samples
             s.request.num_computed_tokens += s.num_new_tokens
             self.blocks.cache_full_blocks(s.request)
+            if sampled and s.request.suspect:
+                self._clear_suspect(s.request)
+
+    # ---- failure isolation ------------------------------------------------------------
+    def isolate(self, requests: list[Sequence]) -> None:
+        """The sequences of a step that raised: each is preempted (its blocks freed, to be
+        recomputed) and becomes a suspect, to run alone."""
+        for r in requests:
+            if r.is_finished:
+                continue
+            if r in self.running:
+                self.running.remove(r)
+            elif r in self.waiting:
+                self.waiting.remove(r)
+            self.blocks.free(r)
+            r.num_computed_tokens = 0
+            self.add_request(r)
+            r.status = SequenceStatus.PREEMPTED
+            if not r.suspect:
+                r.suspect = True
+                self.suspects.append(r)
+
+    def _clear_suspect(self, request: Sequence) -> None:
+        if request.suspect:
+            request.suspect = False
+            self.suspects.remove(request)
+
+    def _schedule_suspect(self, req: Sequence) -> SchedulerOutput:
+        """A step of one suspect alone: admitted if it waits, other running sequences
+        preempted if it needs their blocks."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        hit_blocks: list[int] = []
+        if req in self.waiting:
+            if req.grammar is not None and not req.grammar.ready():
+                return out  # cannot happen (it ran before); the engine checks grammars
+            if req.num_computed_tokens == 0:
+                hit_blocks = self.blocks.match_prefix(req)
+        hit_tokens = len(hit_blocks) * self.blocks.block_size
+        remaining = req.num_tokens - req.num_computed_tokens - hit_tokens
+        num_new = remaining if not self.config.enable_chunked_prefill else min(remaining,
+                                                                                 budget)
+        while not self.blocks.allocate_slots(req, num_new, hit_blocks):
+            others = [r for r in self.running if r is not req]
+            if not others:
+                return out
+            self._preempt(max(others, key=Sequence.sort_key), None, out)
+        if req in self.waiting:
+            self.blocks.record_admission(req, hit_tokens)
+            self.waiting.remove(req)
+            req.status = SequenceStatus.RUNNING
+            self.running.append(req)
+        out.scheduled = [ScheduledSequence(req, num_new)]
+        return out
 
     def check_integrity(self) -> None:
         """The block invariants, over every live request."""

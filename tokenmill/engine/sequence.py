@@ -26,11 +26,12 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # failed (vLLM's "error"); stop_reason holds why
 
     @property
     def is_finished(self) -> bool:
         return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+                        SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR)
 
     @property
     def finish_reason(self) -> str | None:
@@ -61,6 +62,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # in a step that raised: runs alone until it has sampled a token alone (scheduler)
+    suspect: bool = False
     cumulative_logprob: float = 0.0
     logprobs: list[PositionLogprobs] | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None
@@ -68,7 +71,8 @@ class Sequence:
     detokenizer: object | None = None  # tokenmill.tokenizer.IncrementalDetokenizer
     grammar: object | None = None      # tokenmill.structured.RequestGrammar, if constrained
     metrics: RequestMetrics = None  # type: ignore[assignment]
-    # the request's logit_bias as (token ids, values), built once
+    # the request's logit_bias as (token ids, values), built once per user request and
+    # shared by its n sequences (built here when not given)
     logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
@@ -79,10 +83,8 @@ class Sequence:
             self.prompt_logprobs = [None]  # the first prompt token has no logprob
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
-        bias = self.sampling_params.logit_bias
-        if bias:
-            self.logit_bias = (torch.tensor(list(bias.keys())),
-                               torch.tensor(list(bias.values())))
+        if self.logit_bias is None:
+            self.logit_bias = logit_bias_tensors(self.sampling_params)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -118,3 +120,12 @@ class Sequence:
     def sort_key(self) -> tuple[int, float]:
         """Scheduling order: lower priority value first, then earlier arrival."""
         return (self.priority, self.arrival_time)
+
+
+def logit_bias_tensors(params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``params.logit_bias`` as (token ids, values) tensors, or None."""
+    bias = params.logit_bias
+    if not bias:
+        return None
+    return (torch.tensor(list(bias.keys()), dtype=torch.long),
+            torch.tensor(list(bias.values()), dtype=torch.float32))
