@@ -188,5 +188,7 @@ def render_chat_template(
         raise ChatTemplateError("chat template rejected the conversation: its values are "
                                 "nested too deeply") from None
     except (TypeError, AttributeError, LookupError, ArithmeticError, ValueError) as e:
-        # the template choked on a value of an unexpected type or shape
-        raise ChatTemplateError(f"chat template could not render the conversation: {e}") from e
+        # the template choked on a value of an unexpected type or shape (the Python error,
+        # kept as the cause, is not for the client)
+        raise ChatTemplateError("chat template could not render the conversation: a value "
+                                "in it has a type or shape the template does not expect") from e
