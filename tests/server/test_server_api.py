@@ -6,7 +6,7 @@ The real ``tokenmill serve`` runs in a subprocess on a free loopback port (see
 
 Two servers for the whole file, each started once:
 - ``server``: the embedded default model, ``--served-model-name tokenmill-test``,
-  ``--max-model-len 512``, no API key.
+  ``--max-model-len 512``, ``--allow-request-priority``, no API key.
 - ``limited``: ``--api-key``, ``--max-num-seqs 1 --max-queued-requests 1`` (auth, 429 and
   graceful shutdown with a request in flight).
 
@@ -68,7 +68,8 @@ GREEDY = dict(temperature=0, max_tokens=N_REF, extra_body={"ignore_eos": True})
 def server():
     # Stopped with SIGINT (Ctrl-C) at the end; ``limited`` covers SIGTERM.
     with running_server("--kv-cache-memory", "256MiB", "--max-model-len", str(MAX_MODEL_LEN),
-                        "--served-model-name", SERVED, stop_signal=signal.SIGINT) as s:
+                        "--served-model-name", SERVED, "--allow-request-priority",
+                        stop_signal=signal.SIGINT) as s:
         yield s
 
 

@@ -11,7 +11,11 @@ The lifespan starts the engine thread when the server starts and, on shutdown (a
 uvicorn has stopped accepting connections and let the open ones finish), stops it with
 ``AsyncEngine.shutdown``; it also warms up the grammar backend (structured outputs) in the
 background. Handlers never call into the engine loop directly: they only
-tokenize and await ``AsyncEngine.generate``.
+tokenize (off the event loop) and await ``AsyncEngine.generate``.
+
+Before any handler: the API-key check, then ``RequestBodyMiddleware`` (body size and read
+time-out), then ``JSONBodyRoute`` (Content-Type and a strict JSON parse); see ``limits``.
+Clients name the model by a served name only; ``/v1/models`` reports no file path.
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.server.errors import authentication_failed, install_exception_handlers
+from tokenmill.server.errors import (
+    authentication_failed,
+    install_exception_handlers,
+    invalid_request,
+)
+from tokenmill.server.http_guard import JSONBodyRoute, RequestBodyMiddleware
+from tokenmill.server.limits import ServerLimits
 from tokenmill.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenmill.server.protocol import (
     ChatCompletionRequest,
@@ -39,7 +49,7 @@ from tokenmill.server.protocol import (
     ModelCard,
     ModelList,
     TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
     TokenizeResponse,
 )
 from tokenmill.server.serving_chat import ChatHandler, chat_prompt_ids
@@ -47,6 +57,54 @@ from tokenmill.server.serving_completions import CompletionHandler
 from tokenmill.server.serving_context import ServingContext, json_response
 
 OPEN_PATHS = frozenset({"/health"})
+
+# What /openapi.json says each operation can answer besides 200 (FastAPI's 422 is never
+# sent: validation errors are 400s in OpenAI's shape).
+_BODY_ERRORS = {"400": "invalid request (the message and param name the field)",
+                "404": "unknown model name", "408": "body not received in time",
+                "413": "body too large", "415": "Content-Type is not application/json"}
+_ERROR_RESPONSES = {
+    ("post", "/v1/completions"): {**_BODY_ERRORS, "429": "queue full, retry later"},
+    ("post", "/v1/chat/completions"): {**_BODY_ERRORS, "429": "queue full, retry later"},
+    ("post", "/tokenize"): _BODY_ERRORS,
+    ("post", "/detokenize"): _BODY_ERRORS,
+    ("get", "/v1/models/{model_id}"): {"404": "unknown model name"},
+}
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "title": "ErrorResponse",
+    "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                       "code": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}},
+}
+
+
+def _declare_openai_errors(app: FastAPI, api_key: bool) -> None:
+    """Rewrites the generated OpenAPI document's error responses to what is sent."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = generate()
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorResponse"] = _ERROR_SCHEMA
+        ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, operations in spec.get("paths", {}).items():
+            for method, op in operations.items():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                errors = dict(_ERROR_RESPONSES.get((method, path), {}))
+                if api_key and path not in OPEN_PATHS:
+                    errors["401"] = "missing or wrong API key"
+                for code, text in sorted(errors.items()):
+                    responses[code] = {"description": text, "content": ref}
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class APIKeyMiddleware:
@@ -70,13 +128,14 @@ class APIKeyMiddleware:
 
 
 def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None = None,
-              shutdown_timeout: float = 30.0) -> FastAPI:
+              shutdown_timeout: float = 30.0, limits: ServerLimits | None = None) -> FastAPI:
     """The server for ``engine``. ``model_names`` are the names clients may put in
-    "model" (the first is reported back); the model's path is accepted too."""
+    "model" (the first is reported back); ``limits`` the operator's bounds."""
     if not model_names:
         raise ValueError("model_names needs at least one name to serve the model under.")
+    limits = limits or ServerLimits()
     metrics = ServerMetrics(model_names[0], engine.stats)
-    ctx = ServingContext(engine, list(model_names), metrics)
+    ctx = ServingContext(engine, list(model_names), metrics, limits)
     completions, chat = CompletionHandler(ctx), ChatHandler(ctx)
     started = int(time.time())
 
@@ -89,14 +148,19 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
             warm_up = engine.structured_outputs.warm_up()
         yield
         await engine.shutdown(timeout=shutdown_timeout)
+        ctx.close()
         if warm_up is not None:
             # never exit while that import runs (~1 s): a daemon thread stopped inside
             # C++ start-up code can abort the interpreter's exit
             await asyncio.to_thread(warm_up.join, 30.0)
 
     app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
+    app.router.route_class = JSONBodyRoute
     app.state.ctx = ctx
     install_exception_handlers(app)
+    # the last added runs first: the API key, then the body's size and read time-out
+    app.add_middleware(RequestBodyMiddleware, max_body_bytes=limits.max_request_body_bytes,
+                       read_timeout=limits.request_read_timeout)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
@@ -109,7 +173,8 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
         return await chat.create(body, raw)
 
     def card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=started, root=ctx.model_path,
+        # root: the served name, not the model's file path (which clients need not know)
+        return ModelCard(id=name, created=started, root=ctx.model_name,
                          max_model_len=ctx.max_model_len)
 
     @app.get("/v1/models")
@@ -134,22 +199,26 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/tokenize")
-    async def tokenize(body: Annotated[dict[str, Any], Body()]) -> Response:
+    async def tokenize(body: Annotated[TokenizeRequest, Body()]) -> Response:
         """vLLM's shapes: ``{"prompt"}`` or ``{"messages"}`` (rendered with the chat
         template), plus ``add_special_tokens``."""
         tok = ctx.tokenizer
-        if "messages" in body:
-            chat_req = TokenizeChatRequest.model_validate(body)
+        if isinstance(body, TokenizeChatRequest):
+            chat_req = body
             ctx.check_model(chat_req.model)
             tools = [t.model_dump(exclude_none=True) for t in chat_req.tools or []] or None
-            ids = chat_prompt_ids(tok, chat_req.messages, chat_req.add_generation_prompt,
-                                  chat_req.chat_template_kwargs,
-                                  add_special_tokens=chat_req.add_special_tokens, tools=tools)
+            ids = await ctx.off_loop(
+                chat_prompt_ids, tok, chat_req.messages, chat_req.add_generation_prompt,
+                chat_req.chat_template_kwargs, chat_req.add_special_tokens, tools,
+                ctx.limits.allow_special_tokens_in_content)
             want_strs = chat_req.return_token_strs
         else:
-            req = TokenizeCompletionRequest.model_validate(body)
+            req = body
             ctx.check_model(req.model)
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            try:
+                ids = await ctx.off_loop(tok.encode, req.prompt, req.add_special_tokens)
+            except ValueError as e:  # not valid Unicode
+                raise invalid_request(f"Invalid value for 'prompt': {e}", "prompt") from e
             want_strs = req.return_token_strs
         return json_response(TokenizeResponse(
             count=len(ids), max_model_len=ctx.max_model_len, tokens=ids,
@@ -160,7 +229,8 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
         ctx.check_model(body.model)
         if body.tokens:
             ctx.check_token_ids(body.tokens, "tokens")
-        text = ctx.tokenizer.decode(body.tokens, skip_special_tokens=False)
+        text = await ctx.off_loop(ctx.tokenizer.decode, body.tokens, False)
         return json_response(DetokenizeResponse(prompt=text))
 
+    _declare_openai_errors(app, bool(api_key))
     return app

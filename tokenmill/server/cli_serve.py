@@ -4,6 +4,11 @@ Start-up order: parse and check the flags, load the model (seconds), print what 
 served (model, dtype, KV capacity, URL), then hand over to uvicorn, whose lifespan
 starts the engine thread.
 
+Connections: uvicorn's h11 protocol with a time-out on the request head
+(``http_guard.head_timeout_protocol``), at most ``--max-connections`` open (uvicorn's
+``limit_concurrency``: a request beyond them gets 503), and the app's own bounds on the body
+(``--max-request-body-bytes``, ``--request-read-timeout``); see ``limits``.
+
 Shutdown: on SIGINT or SIGTERM uvicorn stops accepting connections, lets the open ones
 finish (up to ``--shutdown-timeout`` seconds, then cancels them, which aborts their
 requests), and runs the lifespan's ``AsyncEngine.shutdown``. uvicorn then re-raises the
@@ -21,6 +26,12 @@ import signal
 from collections.abc import Iterator
 
 from tokenmill.engine_args import EngineArgs
+from tokenmill.server.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_QUEUED_SEQUENCES,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_REQUEST_READ_TIMEOUT_S,
+)
 
 # Idle keep-alive connections: a client that reuses a connection at the moment the server
 # closes it gets a reset instead of a response. httpx, and the openai client built on it,
@@ -44,8 +55,27 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health "
                         "(default: $TOKENMILL_API_KEY)")
-    g.add_argument("--max-queued-requests", type=int, default=None,
-                   help="waiting requests beyond this get HTTP 429 (default: no limit)")
+    g.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_SEQUENCES,
+                   help="queued sequences (a request counts prompts x n) beyond this get "
+                        "HTTP 429; 0: no limit (default: %(default)s)")
+    g.add_argument("--max-request-body-bytes", type=int,
+                   default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+                   help="larger request bodies get HTTP 413 (default: %(default)s)")
+    g.add_argument("--request-read-timeout", type=float,
+                   default=DEFAULT_REQUEST_READ_TIMEOUT_S,
+                   help="seconds a client has to send a request's head, and then its body; "
+                        "a connection still sending its head is closed, a body gets HTTP "
+                        "408 (default: %(default)s)")
+    g.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="open connections (and requests in flight) beyond this get HTTP "
+                        "503 (default: %(default)s)")
+    g.add_argument("--allow-request-priority", action="store_true",
+                   help="let requests set 'priority' (lower runs first, |priority| <= "
+                        "1000); otherwise a non-zero priority is HTTP 400")
+    g.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="read special-token text in chat messages (<|im_end|>) as control "
+                        "tokens, as older servers did; by default only the chat template's "
+                        "own markup makes special tokens")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     g.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
@@ -69,8 +99,16 @@ def _check(a: argparse.Namespace) -> None:
         a.model = a.model_tag
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}.")
-    if a.max_queued_requests is not None and a.max_queued_requests < 1:
-        raise ValueError(f"--max-queued-requests must be >= 1, got {a.max_queued_requests}.")
+    if a.max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0 (0: no limit), got "
+                         f"{a.max_queued_requests}.")
+    if a.max_request_body_bytes < 1:
+        raise ValueError(f"--max-request-body-bytes must be >= 1, got "
+                         f"{a.max_request_body_bytes}.")
+    if not a.request_read_timeout > 0:
+        raise ValueError(f"--request-read-timeout must be > 0, got {a.request_read_timeout}.")
+    if a.max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {a.max_connections}.")
     if a.timeout_keep_alive <= 0:
         raise ValueError(f"--timeout-keep-alive must be > 0, got {a.timeout_keep_alive}.")
     if a.shutdown_timeout < 0:
@@ -125,16 +163,29 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.server.app import build_app
+    from tokenmill.server.http_guard import head_timeout_protocol
+    from tokenmill.server.limits import ServerLimits
 
-    engine = AsyncEngine.from_flags(max_queued_requests=a.max_queued_requests,
+    max_queued = a.max_queued_requests or None
+    engine = AsyncEngine.from_flags(max_queued_requests=max_queued,
                                     **dataclasses.asdict(EngineArgs.from_cli_args(a)))
     names = a.served_model_name or [default_served_name(a.model, engine.engine_config.model)]
-    app = build_app(engine, names, api_key=a.api_key, shutdown_timeout=a.shutdown_timeout)
+    limits = ServerLimits(max_request_body_bytes=a.max_request_body_bytes,
+                          request_read_timeout=a.request_read_timeout,
+                          max_queued_sequences=max_queued,
+                          allow_request_priority=a.allow_request_priority,
+                          allow_special_tokens_in_content=a.allow_special_tokens_in_content)
+    app = build_app(engine, names, api_key=a.api_key, shutdown_timeout=a.shutdown_timeout,
+                    limits=limits)
     print(banner(engine, names, base_url(a.host, a.port), bool(a.api_key)), flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
                             access_log=not a.disable_access_log,
                             timeout_keep_alive=a.timeout_keep_alive,
-                            timeout_graceful_shutdown=a.shutdown_timeout)
+                            timeout_graceful_shutdown=a.shutdown_timeout,
+                            http=head_timeout_protocol(a.request_read_timeout),
+                            # uvicorn refuses a request once the open connections,
+                            # its own included, reach the limit: +1 lets N be served
+                            limit_concurrency=a.max_connections + 1)
     server = uvicorn.Server(config)
     with _graceful_signals_exit_zero():
         server.run()

@@ -11,12 +11,16 @@ malformed, out-of-range or unknown field   400    invalid_request_error  None (p
 prompt (+ max_tokens) over the context     400    invalid_request_error  context_length_exceeded
 unknown model name                         404    invalid_request_error  model_not_found
 missing or wrong API key                   401    authentication_error   invalid_api_key
+body not sent within the read time-out     408    invalid_request_error  request_timeout
+body larger than --max-request-body-bytes  413    invalid_request_error  request_too_large
+Content-Type other than application/json   415    invalid_request_error  unsupported_media_type
 request queue full, or shutting down       429    rate_limit_exceeded    rate_limit_exceeded
 engine loop crashed, unexpected bug        500    server_error           None
 ========================================  ======  =====================  =======================
 
 Pydantic's 422 validation errors are rewritten as 400s whose ``param`` is the dotted
-path of the offending field (``messages[0].content``), like OpenAI's.
+path of the offending field (``messages[0].content``), like OpenAI's. A 500 says only that
+something failed (the exception goes to the log, not to the client).
 """
 
 from __future__ import annotations
@@ -79,8 +83,25 @@ def context_length_exceeded(max_model_len: int, prompt_len: int, max_tokens: int
 
 
 def model_not_found(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist.", param="model",
+    shown = name if len(name) <= 200 else name[:200] + "..."
+    return APIError(404, f"The model `{shown}` does not exist.", param="model",
                     code="model_not_found")
+
+
+def request_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server accepts ({limit} "
+                         "bytes; see --max-request-body-bytes).", code="request_too_large")
+
+
+def request_timeout(seconds: float) -> APIError:
+    return APIError(408, f"The request body was not received within {seconds:g} seconds.",
+                    code="request_timeout")
+
+
+def unsupported_media_type(content_type: str | None) -> APIError:
+    got = f"got {content_type[:100]!r}" if content_type else "none was given"
+    return APIError(415, f"Content-Type must be application/json ({got}); the request body "
+                         "must be a JSON object.", code="unsupported_media_type")
 
 
 def authentication_failed(header_present: bool) -> APIError:
@@ -119,6 +140,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         detail = first.get("ctx", {}).get("error", "")
         return invalid_request(f"We could not parse the JSON body of your request: {detail}")
     param = _param_path(tuple(first["loc"]))
+    if param is None and first["type"] in ("missing", "dict_type", "model_type"):
+        return invalid_request("The request body must be a JSON object ({...}).")
     if first["type"] == "extra_forbidden":
         return invalid_request(f"Unrecognized request argument supplied: {param}", param)
     if first["type"] == "missing":
@@ -164,12 +187,19 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, f"The server is busy: {exc}.", type="rate_limit_exceeded",
                         code="rate_limit_exceeded")
-    if isinstance(exc, EngineDeadError):
-        return APIError(500, str(exc), type="server_error")
+    if isinstance(exc, EngineDeadError):  # what killed it is in the log
+        return APIError(500, "The inference engine has stopped; this server cannot serve "
+                             "requests until it is restarted.", type="server_error")
+    if isinstance(exc, RecursionError):
+        return invalid_request("The request is nested too deeply to process.")
+    if isinstance(exc, UnicodeError):
+        return invalid_request("The request contains invalid Unicode text (a lone "
+                               "surrogate such as \\ud800).")
     if isinstance(exc, ValueError):
         return from_value_error(exc)
-    return APIError(500, f"The server had an error while processing your request: "
-                         f"{type(exc).__name__}: {exc}", type="server_error")
+    # the exception itself is logged by whoever catches it (uvicorn, or the stream)
+    return APIError(500, "The server had an error while processing your request; it has "
+                         "been logged.", type="server_error")
 
 
 def install_exception_handlers(app: FastAPI) -> None:

@@ -14,35 +14,77 @@ typo or an unsupported feature is never silently ignored. Three kinds of fields 
 Structured outputs (``response_format``, ``structured_outputs``, ``guided_*``) and tools
 have their shapes in ``protocol_structured.py``.
 
+Every count, length and integer is bounded (``limits``: OpenAI's limits where it has them,
+ranges the engine's tensors hold for the rest), floats must be finite, and assistant
+``tool_calls`` have OpenAI's shape; the schema (``/openapi.json``) states the bounds.
+
 Responses mirror OpenAI's objects field for field, plus vLLM's ``stop_reason`` (the stop
 string or token id that ended a choice) and ``prompt_logprobs``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from tokenmill.server.json_bounds import TemplateKwargs, json_problem
+from tokenmill.server.limits import (
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_JSON_DEPTH,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_NAME_CHARS,
+    MAX_PRIORITY,
+    MAX_PROMPTS,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOOL_CALLS,
+    METADATA_KEY_CHARS,
+    METADATA_PAIRS,
+    METADATA_VALUE_CHARS,
+)
 from tokenmill.server.protocol_structured import (
-    ChatTool,
     DeltaToolCall,
     NamedToolChoice,
     StructuredFields,
     ToolCall,
+    Tools,
 )
+from tokenmill.tokenizer.tokenizer import RESERVED_TEMPLATE_VARIABLES
 
 Penalty = Annotated[float | None, Field(ge=-2.0, le=2.0)]
-TopN = Annotated[int | None, Field(ge=0, le=20)]
+TopN = Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Count = Annotated[int | None, Field(ge=1, le=INT32_MAX)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)]
+LogitBias = Annotated[dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                      Field(max_length=MAX_LOGIT_BIAS,
+                            json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,10}$"}})]
+Metadata = Annotated[dict[Annotated[str, Field(max_length=METADATA_KEY_CHARS)],
+                          Annotated[str, Field(max_length=METADATA_VALUE_CHARS)]],
+                     Field(max_length=METADATA_PAIRS)]
+TokenIds = Annotated[list[int], Field(min_length=1)]  # range-checked against the vocabulary
+PromptField = (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+               | TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
 
 # Field name -> test that its value means "feature off"; any other value is refused.
 _OFF_VALUES: dict[str, Any] = {
@@ -58,6 +100,14 @@ _OFF_VALUES: dict[str, Any] = {
 }
 
 
+def _no_reserved_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    reserved = sorted(RESERVED_TEMPLATE_VARIABLES & set(value or {}))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {reserved}: the server sets "
+                         "them (use the request's own fields)")
+    return value
+
+
 def _refuse_unless_off(value: Any, info: ValidationInfo) -> Any:
     if not _OFF_VALUES[info.field_name](value):
         raise ValueError(f"'{info.field_name}' is not supported by this server "
@@ -66,7 +116,7 @@ def _refuse_unless_off(value: Any, info: ValidationInfo) -> Any:
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -77,27 +127,28 @@ class StreamOptions(OpenAIBaseModel):
 class SamplingRequest(StructuredFields, OpenAIBaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str | None = None
-    n: int = Field(1, ge=1, le=128)
+    model: Name | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: Count = None
+    stop: Stop | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX - MAX_N)
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None
-    logit_bias: dict[int, float] | None = None
+    logit_bias: LogitBias | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # ignored
     # vLLM extras
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    priority: int = 0
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    # scheduling priority (lower runs first); non-zero only with --allow-request-priority
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: TopN = None
@@ -136,27 +187,31 @@ class SamplingRequest(StructuredFields, OpenAIBaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Any  # a string, strings, token ids or lists of token ids: see prompts()
+    # a string, strings, token ids or lists of token ids (at most MAX_PROMPTS prompts)
+    prompt: PromptField
     echo: bool = False
     logprobs: TopN = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
 
     _check_off = field_validator("suffix")(_refuse_unless_off)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="plain", json_schema_input_type=PromptField)
     @classmethod
     def _check_prompt(cls, v: Any) -> Any:
         def is_ids(x: Any) -> bool:
-            return isinstance(x, list) and all(
+            return isinstance(x, list) and bool(x) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in x)
 
         ok = isinstance(v, str) or (isinstance(v, list) and v and (
             all(isinstance(p, str) for p in v) or is_ids(v)
             or all(is_ids(p) for p in v)))
         if not ok:
-            raise ValueError("prompt must be a string, a non-empty list of strings, a list "
-                             "of token ids or a list of token id lists")
+            raise ValueError("prompt must be a string, a non-empty list of strings, a "
+                             "non-empty list of token ids or a list of non-empty token id "
+                             "lists")
+        if isinstance(v, list) and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"a request may hold at most {MAX_PROMPTS} prompts, got {len(v)}")
         return v
 
     @field_validator("best_of")
@@ -215,14 +270,47 @@ class CompletionResponse(BaseModel):
 # ---- /v1/chat/completions ----------------------------------------------------------
 
 
+class AssistantFunctionCall(OpenAIBaseModel):
+    name: str = Field(max_length=MAX_NAME_CHARS)
+    # OpenAI sends the arguments as JSON text; an object is accepted too
+    arguments: str | dict[str, Any] = ""
+
+    @field_validator("arguments")
+    @classmethod
+    def _bounded_nesting(cls, v: str | dict[str, Any]) -> str | dict[str, Any]:
+        """Templates get the arguments as an object (``tool_calling.prompt``): JSON text
+        nested too deeply to parse safely is refused here."""
+        if isinstance(v, str):
+            try:
+                parsed = json.loads(v)
+            except RecursionError:
+                raise ValueError(f"the arguments are nested more than {MAX_JSON_DEPTH} "
+                                 "levels deep") from None
+            except ValueError:
+                return v  # not JSON: passed on as text
+            problem = json_problem(parsed)
+            if problem is not None:
+                raise ValueError(f"the arguments {problem[1]}")
+        return v
+
+
+class AssistantToolCall(OpenAIBaseModel):
+    """A call an earlier assistant turn made (OpenAI's shape)."""
+
+    id: Name | None = None
+    type: Literal["function"] = "function"
+    function: AssistantFunctionCall
+    index: int | None = Field(None, ge=0, le=MAX_TOOL_CALLS)  # sent by some clients
+
+
 class ChatMessage(OpenAIBaseModel):
     """One message. ``developer`` is OpenAI's new name for ``system``."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    name: Name | None = None
+    tool_call_id: Name | None = None
+    tool_calls: Annotated[list[AssistantToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
 
     @field_validator("content")
     @classmethod
@@ -252,28 +340,30 @@ class ChatMessage(OpenAIBaseModel):
             content = "\n".join(part["text"] for part in content)
         msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                                "content": content or ""}
-        for key in ("name", "tool_call_id", "tool_calls"):
+        for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 msg[key] = getattr(self, key)
+        if self.tool_calls is not None:
+            msg["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
         return msg
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Count = None
     logprobs: bool | None = False
     top_logprobs: TopN = None
     # accepted and ignored: they cannot change the output
     store: bool | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # vLLM extras
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     # tools: OpenAI function tools (tool_choice defaults to "auto" when tools are given)
-    tools: list[ChatTool] | None = None
+    tools: Tools | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # refused unless "off"
@@ -297,14 +387,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs needs logprobs set to true")
         return v
 
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _no_reserved_kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        reserved = {"conversation", "messages", "tools", "add_generation_prompt"} & set(v or {})
-        if reserved:
-            raise ValueError(f"chat_template_kwargs may not set {sorted(reserved)}; use the "
-                             "request fields instead")
-        return v
+    _no_reserved_kwargs = field_validator("chat_template_kwargs")(_no_reserved_kwargs)
 
 
 class ChatTopLogprob(BaseModel):
@@ -403,20 +486,36 @@ class ModelList(BaseModel):
 
 
 class TokenizeCompletionRequest(OpenAIBaseModel):
-    model: str | None = None
+    model: Name | None = None
     prompt: str
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
 
 class TokenizeChatRequest(OpenAIBaseModel):
-    model: str | None = None
+    model: Name | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[ChatTool] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
+    tools: Tools | None = None
     return_token_strs: bool = False
+
+    _no_reserved_kwargs = field_validator("chat_template_kwargs")(_no_reserved_kwargs)
+
+
+def _tokenize_kind(value: Any) -> str:
+    has_messages = "messages" in value if isinstance(value, dict) else hasattr(value,
+                                                                              "messages")
+    return "tokenize-chat" if has_messages else "tokenize-prompt"
+
+
+# POST /tokenize takes either shape; "messages" decides which (the tags contain "-", so
+# error paths leave them out: see errors._param_path)
+TokenizeRequest = Annotated[
+    Annotated[TokenizeCompletionRequest, Tag("tokenize-prompt")]
+    | Annotated[TokenizeChatRequest, Tag("tokenize-chat")],
+    Discriminator(_tokenize_kind)]
 
 
 class TokenizeResponse(BaseModel):
@@ -427,8 +526,8 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(OpenAIBaseModel):
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    model: Name | None = None
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):

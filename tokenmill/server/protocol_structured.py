@@ -10,32 +10,52 @@ Constraints can come in four spellings, at most one per request:
   ``max_whitespace`` (the bound on consecutive whitespace inside JSON);
 * vLLM's older ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar``;
 * on chat, ``tools`` with ``tool_choice`` ``required`` or a named function.
+
+Schemas, grammars, regexes, structural tags and tool definitions are each bounded to
+``MAX_JSON_BYTES`` (64 KiB) of JSON or text (``limits``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    model_serializer,
+    model_validator,
+)
+
+from tokenmill.server.json_bounds import JsonObject, JsonText, bounded_json
+from tokenmill.server.limits import (
+    MAX_CHOICES,
+    MAX_JSON_BYTES,
+    MAX_STOP_CHARS,
+    MAX_TOOLS,
+    MAX_WHITESPACE,
+)
 
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+Choices = Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]],
+                    Field(max_length=MAX_CHOICES)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
 
 class JsonSchemaSpec(_Strict):
     name: str = Field("response", pattern=FUNCTION_NAME)
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    description: str | None = Field(None, max_length=MAX_JSON_BYTES)
+    schema_: JsonObject = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaSpec | None = None
-    format: dict[str, Any] | None = None  # structural_tag
+    format: JsonObject | None = None  # structural_tag
 
     @model_validator(mode="after")
     def _spec_given(self) -> ResponseFormat:
@@ -48,14 +68,14 @@ class ResponseFormat(_Strict):
 
 
 class StructuredOutputsRequest(_Strict):
-    json_: str | dict[str, Any] | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
+    json_: JsonText | JsonObject | None = Field(None, alias="json")
+    regex: JsonText | None = None
+    choice: Choices | None = None
+    grammar: JsonText | None = None
     json_object: bool | None = None
-    structural_tag: str | dict[str, Any] | None = None
+    structural_tag: JsonText | JsonObject | None = None
     disable_any_whitespace: bool = False
-    max_whitespace: int | None = Field(None, ge=1)
+    max_whitespace: int | None = Field(None, ge=1, le=MAX_WHITESPACE)
     # vLLM fields that do not change anything here
     disable_fallback: bool | None = None
     disable_additional_properties: bool | None = None
@@ -64,14 +84,24 @@ class StructuredOutputsRequest(_Strict):
 
 class FunctionDefinition(_Strict):
     name: str = Field(pattern=FUNCTION_NAME)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
+    description: str | None = Field(None, max_length=MAX_JSON_BYTES)
+    parameters: JsonObject | None = None
     strict: bool | None = None
 
 
 class ChatTool(_Strict):
+    """One tool; its definition is at most MAX_JSON_BYTES of JSON."""
+
     type: Literal["function"] = "function"
     function: FunctionDefinition
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ChatTool:
+        bounded_json().func(self.model_dump(exclude_none=True))
+        return self
+
+
+Tools = Annotated[list[ChatTool], Field(max_length=MAX_TOOLS)]
 
 
 class NamedFunction(_Strict):
@@ -130,9 +160,9 @@ class StructuredFields(BaseModel):
 
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
-    guided_json: str | dict[str, Any] | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    guided_json: JsonText | JsonObject | None = None
+    guided_regex: JsonText | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: JsonText | None = None
     guided_decoding_backend: Literal["auto", "xgrammar"] | None = None
     guided_whitespace_pattern: None = None  # not supported: any value is refused

@@ -2,8 +2,12 @@
 
 The messages are rendered with the model's own chat template (``add_generation_prompt``
 opens the assistant's turn) and the result is tokenized *without* adding special tokens
-again: templates write BOS themselves when the model needs it. From there it is one
-engine request with ``n`` completions, answered in the chat shapes:
+again: templates write BOS themselves when the model needs it. Only the template's own
+markup becomes special tokens: special-token text inside the messages (``<|im_end|>`` typed
+by a user, to forge a system turn) is tokenized as plain text (``Tokenizer.encode_chat``),
+unless the operator allows it (``--allow-special-tokens-in-content``). Rendering and
+tokenizing run off the event loop. From there it is one engine request with ``n``
+completions, answered in the chat shapes:
 
 * non-streaming: ``choices[i].message = {"role": "assistant", "content": ...}``;
 * streaming: per choice, a first chunk with ``delta: {"role": "assistant",
@@ -63,16 +67,18 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage],
                     add_generation_prompt: bool = True,
                     template_kwargs: dict[str, Any] | None = None,
                     add_special_tokens: bool = False,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
-    """Token ids of a conversation rendered with the model's chat template."""
+                    tools: list[dict[str, Any]] | None = None,
+                    special_tokens_in_content: bool = False) -> list[int]:
+    """Token ids of a conversation rendered with the model's chat template (in a worker
+    thread: it takes time proportional to the conversation)."""
     msgs, tools = template_messages([m.for_template() for m in messages], tools,
                                     tokenizer.chat_template_knows_tools)
     try:
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
-                                             tools=tools, **(template_kwargs or {}))
+        return tokenizer.encode_chat(msgs, add_generation_prompt, tools, template_kwargs,
+                                     add_special_tokens=add_special_tokens,
+                                     special_tokens_in_text=special_tokens_in_content)
     except ValueError as e:  # no template, or the template rejected the conversation
         raise invalid_request(str(e), "messages") from e
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def _top(token: int, lp) -> ChatTopLogprob:
@@ -98,11 +104,14 @@ class ChatHandler:
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
-        ctx.check_request(req.model, req.stream, req.prompt_logprobs)
+        ctx.check_request(req.model, req.stream, req.prompt_logprobs, req.priority)
         tools = resolve_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
                               request_constraint(req))
-        ids = chat_prompt_ids(ctx.tokenizer, req.messages, req.add_generation_prompt,
-                              req.chat_template_kwargs, tools=tools.template_tools)
+        ctx.admit(req.n, "n")  # before the tokenizing work, if the queue is full anyway
+        ids = await ctx.off_loop(
+            chat_prompt_ids, ctx.tokenizer, req.messages, req.add_generation_prompt,
+            req.chat_template_kwargs, False, tools.template_tools,
+            ctx.limits.allow_special_tokens_in_content)
         ctx.check_token_ids(ids, "messages")
         kwargs = req.sampling_kwargs()
         kwargs["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None

@@ -8,7 +8,9 @@ Everything a client can get wrong is checked before the engine sees the request:
 the model name, the prompt (empty, out-of-vocabulary ids, too long for the context), the
 sampling values (``SamplingParams`` raises ValueError naming the field) and the token
 ids in ``logit_bias`` / ``stop_token_ids``. ``max_tokens`` defaults to what is left of the
-context after the prompt, as in vLLM; asking for more than that is a 400.
+context after the prompt, as in vLLM; asking for more than that is a 400. Prompts are
+tokenized off the event loop. A prompt is the user's own text: special-token text in it
+is read as special tokens (unlike chat messages).
 
 Streams send, per choice, what is new since the last chunk (``StreamedChoice``).
 """
@@ -26,6 +28,7 @@ from fastapi.responses import Response
 from tokenmill.outputs import PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.constraints import Constraint, request_constraint
+from tokenmill.server.errors import invalid_request
 from tokenmill.server.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -48,9 +51,10 @@ class CompletionHandler:
 
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         ctx = self.ctx
-        ctx.check_request(req.model, req.stream, req.prompt_logprobs)
+        ctx.check_request(req.model, req.stream, req.prompt_logprobs, req.priority)
         constraint = request_constraint(req)
-        prompts = [self._tokenize(p) for p in req.prompts()]
+        ctx.admit(len(req.prompts()) * req.n, "prompt" if req.n == 1 else "n")
+        prompts = await ctx.off_loop(lambda: [self._tokenize(p) for p in req.prompts()])
         params = [self._params(req, len(ids), constraint) for _, ids in prompts]
         await ctx.check_constraint(constraint)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -66,7 +70,10 @@ class CompletionHandler:
         """(text, ids) of one prompt; the text is what ``echo`` sends back."""
         tok = self.ctx.tokenizer
         if isinstance(prompt, str):
-            ids = tok.encode(prompt)
+            try:
+                ids = tok.encode(prompt)
+            except ValueError as e:  # not valid Unicode
+                raise invalid_request(f"Invalid value for 'prompt': {e}", "prompt") from e
             self.ctx.check_token_ids(ids, "prompt")
             return prompt, ids
         self.ctx.check_token_ids(prompt, "prompt")

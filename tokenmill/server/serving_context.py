@@ -1,7 +1,15 @@
 """What both generation endpoints share: ``ServingContext`` (the engine behind its facade,
-the served names, the metrics, and the checks every request goes through), the shape of
-``usage`` and prompt logprobs, and ``StreamedChoice``, the one place where the engine's
-cumulative outputs become stream deltas.
+the served names, the metrics, the operator's limits and the checks every request goes
+through), the shape of ``usage`` and prompt logprobs, and ``StreamedChoice``, the one place
+where the engine's cumulative outputs become stream deltas.
+
+Tokenization and chat-template rendering take time proportional to the prompt (seconds for
+megabytes), so they run in a small thread pool (``off_loop``), never on the event loop:
+/health and every stream keep going while a long prompt is tokenized.
+
+Admission counts sequences, not requests: k prompts with n choices each are k x n
+sequences, refused with 429 when the sequences already waiting plus these would exceed
+``--max-queued-requests`` (and with 400 when a request alone could never fit).
 
 The engine's outputs are cumulative (text and token ids so far), so a stream keeps, per
 choice, how much it has already sent and emits only the difference; the concatenated
@@ -11,13 +19,16 @@ deltas are the non-streamed text.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from dataclasses import field as dataclass_field
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.async_engine import AsyncEngine, QueueFullError
 from tokenmill.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.constraints import Constraint
@@ -27,28 +38,41 @@ from tokenmill.server.errors import (
     invalid_request,
     model_not_found,
 )
+from tokenmill.server.limits import ServerLimits
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import PromptTokensDetails, UsageInfo
 from tokenmill.server.sse import EngineStreams, until_disconnected
 from tokenmill.tokenizer import Tokenizer
 
+T = TypeVar("T")
+TOKENIZER_THREADS = 2
+
 
 @dataclass
 class ServingContext:
     """What every endpoint needs: the engine, the names the model answers to (the
-    first is the one reported in responses) and the metrics."""
+    first is the one reported in responses), the metrics and the operator's limits."""
 
     engine: AsyncEngine
     model_names: list[str]
     metrics: ServerMetrics
+    limits: ServerLimits = dataclass_field(default_factory=ServerLimits)
+
+    def __post_init__(self) -> None:
+        self._executor = ThreadPoolExecutor(TOKENIZER_THREADS,
+                                            thread_name_prefix="tokenmill-tokenize")
+        self._in_flight = 0  # sequences of the requests started here and not yet ended
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the tokenizer threads (tokenizing, rendering templates)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def model_name(self) -> str:
         return self.model_names[0]
-
-    @property
-    def model_path(self) -> str:
-        return self.engine.engine_config.model
 
     @property
     def max_model_len(self) -> int:
@@ -63,16 +87,22 @@ class ServingContext:
         return tok
 
     def check_model(self, name: str | None) -> None:
-        """Accepts the served names and the model's path; None means the default."""
-        if name is not None and name not in self.model_names and name != self.model_path:
+        """Accepts the served names only; None means the default."""
+        if name is not None and name not in self.model_names:
             raise model_not_found(name)
 
-    def check_request(self, model: str | None, stream: bool, prompt_logprobs) -> None:
-        """Checks shared by both endpoints: the model name and what streaming allows."""
+    def check_request(self, model: str | None, stream: bool, prompt_logprobs,
+                      priority: int = 0) -> None:
+        """Checks shared by both endpoints: the model name, what streaming allows, and
+        whether the operator lets clients set a priority."""
         self.check_model(model)
         if stream and prompt_logprobs is not None:
             raise invalid_request("prompt_logprobs is not supported with stream",
                                   "prompt_logprobs")
+        if priority and not self.limits.allow_request_priority:
+            raise invalid_request("priority is not enabled on this server (its operator can "
+                                  "allow it with --allow-request-priority); remove it or "
+                                  "send 0", "priority")
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         if not ids:
@@ -114,13 +144,42 @@ class ServingContext:
         except ValueError as e:
             raise invalid_request(f"{constraint.param}: {e}", constraint.param) from e
 
+    def admit(self, sequences: int, param: str) -> None:
+        """Refuses ``sequences`` more when the queue cannot take them (see the module doc).
+        Queued = sequences of open requests minus those the engine is running."""
+        limit = self.limits.max_queued_sequences
+        if limit is None:
+            return
+        if sequences > limit:
+            raise invalid_request(f"this request asks for {sequences} sequences (prompts x "
+                                  f"n), more than this server queues ({limit}); send fewer "
+                                  "prompts or a smaller n", param)
+        queued = max(0, self._in_flight - self.engine.stats().num_running)
+        if queued + sequences > limit:
+            raise QueueFullError(f"{queued} sequences are already queued and this request "
+                                 f"adds {sequences} (at most {limit}); retry later")
+
     async def start(self, request_id: str, prompts: list[list[int]],
                     params: list[SamplingParams], priority: int) -> EngineStreams:
         """Starts one engine request per prompt (``prompt_index`` is the index in the
         merged stream); raises QueueFullError & co. if the engine refuses one."""
-        return await EngineStreams.start([
-            self.metrics.observe(self.engine.generate(ids, p, f"{request_id}-{i}", priority))
-            for i, (ids, p) in enumerate(zip(prompts, params, strict=True))])
+        sequences = sum(p.n for p in params)
+        self.admit(sequences, "n")
+        self._in_flight += sequences
+
+        def ended() -> None:
+            self._in_flight -= sequences
+
+        try:
+            streams = await EngineStreams.start([
+                self.metrics.observe(self.engine.generate(ids, p, f"{request_id}-{i}",
+                                                          priority))
+                for i, (ids, p) in enumerate(zip(prompts, params, strict=True))])
+        except BaseException:
+            ended()
+            raise
+        streams.on_done(ended)  # when its engine requests end, however they end
+        return streams
 
     async def run(self, raw: Request, streams: EngineStreams) -> dict[int, RequestOutput]:
         """The final output of every prompt (non-streaming), unless the client leaves."""

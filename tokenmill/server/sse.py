@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -56,6 +56,24 @@ class EngineStreams:
         self._refusals: list[Exception] = []
         self._remaining = len(streams)
         self._tasks = [asyncio.create_task(self._pump(i, s)) for i, s in enumerate(streams)]
+        self._running = len(self._tasks)
+        self._on_done: list[Callable[[], None]] = []
+        for t in self._tasks:
+            t.add_done_callback(self._pump_done)
+
+    def _pump_done(self, _task: asyncio.Task) -> None:
+        self._running -= 1
+        if self._running == 0:
+            callbacks, self._on_done = self._on_done, []
+            for callback in callbacks:
+                callback()
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` once every engine request has ended (finished or aborted)."""
+        if self._running == 0:
+            callback()
+        else:
+            self._on_done.append(callback)
 
     @classmethod
     async def start(cls, streams: list[AsyncGenerator[Any, None]]) -> EngineStreams:

@@ -37,7 +37,7 @@ def _arguments_as_object(call: dict[str, Any]) -> dict[str, Any]:
     if isinstance(args, str):
         try:
             function["arguments"] = json.loads(args)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             pass  # leave what the client sent
     return {**call, "function": function}
 

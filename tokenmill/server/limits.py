@@ -1,0 +1,63 @@
+"""Every bound the server puts on a request, in one place.
+
+A request is checked in layers before the engine sees it, each refusal a 4xx in OpenAI's
+error shape naming what is wrong (never a 500, never Python's own exception text):
+
+1. the connection (``http_guard``): a request head must arrive within
+   ``--request-read-timeout`` seconds, the body too (408), and the body may not exceed
+   ``--max-request-body-bytes`` (413); ``--max-connections`` caps open connections;
+2. the JSON body (``http_guard``): ``Content-Type: application/json`` (415), a JSON object,
+   no ``NaN``/``Infinity`` (nor numbers that overflow to them), no lone surrogates in any
+   string, at most ``MAX_JSON_DEPTH`` levels of nesting (400 naming the field);
+3. the request models (``protocol``): every count, length and integer bounded with the
+   constants below, OpenAI's limits where OpenAI has them (``n``, ``top_logprobs``,
+   ``tools``, ``metadata``), and ranges the engine's tensors can hold for the rest;
+4. the handlers: served model names only, ``priority`` only when the operator allows it,
+   the prompt against the context, and the number of queued sequences (429).
+
+The constants are not flags: the OpenAPI schema states them, so that it describes what
+the server accepts. The operator's knobs are in ``ServerLimits``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+MAX_N = 128                   # choices per prompt (OpenAI: 128)
+MAX_PROMPTS = 64              # prompts in one /v1/completions request
+MAX_STOP = 64                 # stop strings (OpenAI: 4; vLLM: no bound)
+MAX_STOP_CHARS = 1024         # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024         # entries in logit_bias
+MAX_LOGPROBS = 20             # logprobs, top_logprobs, prompt_logprobs (OpenAI: 20)
+MAX_TOOLS = 128               # tools in one request (OpenAI: 128)
+MAX_TOOL_CALLS = 128          # tool calls in one assistant message
+MAX_JSON_BYTES = 64 * 1024    # a schema, a grammar, a tool definition, chat_template_kwargs
+MAX_JSON_DEPTH = 64           # nesting of the whole body (and of tool-call arguments)
+MAX_TEMPLATE_KWARGS_DEPTH = 16
+MAX_NAME_CHARS = 256          # model names, message names, tool-call ids
+MAX_PRIORITY = 1000           # |priority|, when the operator allows priorities at all
+MAX_WHITESPACE = 1024         # structured_outputs.max_whitespace
+MAX_CHOICES = 1024            # guided_choice / structured_outputs.choice entries
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_REQUEST_READ_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_MAX_QUEUED_SEQUENCES = 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The operator's bounds (``tokenmill serve`` flags); the defaults are the flags'."""
+
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    request_read_timeout: float = DEFAULT_REQUEST_READ_TIMEOUT_S
+    # sequences (prompts x n) waiting for the engine beyond this get 429; None: no bound
+    max_queued_sequences: int | None = DEFAULT_MAX_QUEUED_SEQUENCES
+    allow_request_priority: bool = False
+    # the old behaviour: special-token text in chat messages becomes control tokens
+    allow_special_tokens_in_content: bool = False
