@@ -52,6 +52,9 @@
 #   TM_ARGS=""   extra flags for `tokenmill serve`
 #   LC_ARGS=""   extra flags for `llama_cpp.server`
 #   ROUNDS=1     how many times the servers take turns
+#   LLAMA_CPP_PYTHON=1   also run llama-cpp-python's server (0: skip it, and its build)
+#   TM_BEFORE=""  a checkout of an earlier tokenmill (e.g. `git worktree add /tmp/before
+#                 REV`): its server runs too, as "tokenmill_before", for before/after rows
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +72,8 @@ CONCURRENCIES=${CONCURRENCIES:-"1 32"}
 TM_ARGS=${TM_ARGS:-}
 LC_ARGS=${LC_ARGS:-}
 ROUNDS=${ROUNDS:-1}
+LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-1}
+TM_BEFORE=${TM_BEFORE:-}
 MODEL=${MODEL:-$("$PYTHON" -c \
     "from tokenmill.loader.default_model import default_model_path; print(default_model_path())")}
 OUT=${1:-benchmarks/results/$(date +%Y%m%d-%H%M%S)}
@@ -98,13 +103,15 @@ sys.exit(f"no server answered at {url}")
 EOF
 }
 
-echo "== 1. llama-cpp-python in $LLAMA_VENV"
-if ! "$LLAMA_VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
-    python3 -m venv "$LLAMA_VENV"
-    echo "building llama-cpp-python from source (about 15 minutes on 2 cores) ..."
-    "$LLAMA_VENV/bin/pip" install -q 'llama-cpp-python[server]'
+if [[ "$LLAMA_CPP_PYTHON" == 1 ]]; then
+    echo "== 1. llama-cpp-python in $LLAMA_VENV"
+    if ! "$LLAMA_VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
+        python3 -m venv "$LLAMA_VENV"
+        echo "building llama-cpp-python from source (about 15 minutes on 2 cores) ..."
+        "$LLAMA_VENV/bin/pip" install -q 'llama-cpp-python[server]'
+    fi
+    "$LLAMA_VENV/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 fi
-"$LLAMA_VENV/bin/python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 
 run_workload() {  # NAME PORT EXTRA_BENCH_ARGS...
     local name=$1$SUFFIX port=$2
@@ -124,14 +131,16 @@ run_workload() {  # NAME PORT EXTRA_BENCH_ARGS...
 for round in $(seq 1 "$ROUNDS"); do
 SUFFIX=""
 [[ "$ROUNDS" -gt 1 ]] && SUFFIX="_r$round"
-echo "== 2a. llama.cpp server on port $LC_PORT"
-# shellcheck disable=SC2086
-"$LLAMA_VENV/bin/python" -m llama_cpp.server --model "$MODEL" --n_threads "$THREADS" \
-    --port "$LC_PORT" --interrupt_requests False $LC_ARGS > "$OUT/llamacpp_server.log" 2>&1 &
-SERVER_PID=$!
-wait_ready "http://127.0.0.1:$LC_PORT" 300
-run_workload llamacpp "$LC_PORT" --extra-body '{"repeat_penalty": 1.0}'
-stop_server
+if [[ "$LLAMA_CPP_PYTHON" == 1 ]]; then
+    echo "== 2a. llama.cpp server on port $LC_PORT"
+    # shellcheck disable=SC2086
+    "$LLAMA_VENV/bin/python" -m llama_cpp.server --model "$MODEL" --n_threads "$THREADS" \
+        --port "$LC_PORT" --interrupt_requests False $LC_ARGS > "$OUT/llamacpp_server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready "http://127.0.0.1:$LC_PORT" 300
+    run_workload llamacpp "$LC_PORT" --extra-body '{"repeat_penalty": 1.0}'
+    stop_server
+fi
 
 if [[ -n "$LLAMA_SERVER" ]]; then
     echo "== 2b. llama-server (C++) on port $LS_PORT"
@@ -151,6 +160,17 @@ SERVER_PID=$!
 wait_ready "http://127.0.0.1:$TM_PORT" 300
 run_workload tokenmill "$TM_PORT"
 stop_server
+
+if [[ -n "$TM_BEFORE" ]]; then
+    echo "== 2d. tokenmill from $TM_BEFORE on port $TM_PORT"
+    # shellcheck disable=SC2086
+    PYTHONPATH="$TM_BEFORE" "$PYTHON" -m tokenmill serve --model "$MODEL" --port "$TM_PORT" \
+        --disable-access-log $TM_ARGS > "$OUT/tokenmill_before_server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready "http://127.0.0.1:$TM_PORT" 300
+    run_workload tokenmill_before "$TM_PORT"
+    stop_server
+fi
 
 done
 
