@@ -134,6 +134,8 @@ BAD = [
     ("/v1/completions", {**COMP, "top_k": 2**63}, "top_k"),
     ("/v1/completions", {**COMP, "max_tokens": 2**31}, "max_tokens"),
     ("/v1/completions", {**COMP, "seed": 2**64}, "seed"),
+    # a refused feature sent with a value of the wrong type
+    ("/v1/chat/completions", {**CHAT, "modalities": 1}, "modalities"),
     # priority: off unless the operator allows it, and bounded
     ("/v1/completions", {**COMP, "priority": 1}, "priority"),
     ("/v1/chat/completions", {**CHAT, "priority": -5}, "priority"),
@@ -369,7 +371,7 @@ def test_connection_cap(hardened):
     try:
         held = [_idle_keep_alive(hardened) for _ in range(MAX_CONNECTIONS)]
         r = httpx.get(hardened.base_url + "/health", timeout=30)
-        assert r.status_code == 503, r.text
+        assert clean_error(r, 503)["code"] == "too_many_connections"
     finally:
         for s in held:
             s.close()

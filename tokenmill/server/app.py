@@ -98,6 +98,7 @@ def _declare_openai_errors(app: FastAPI, api_key: bool) -> None:
                 errors = dict(_ERROR_RESPONSES.get((method, path), {}))
                 if api_key and path not in OPEN_PATHS:
                     errors["401"] = "missing or wrong API key"
+                errors["503"] = "too many open connections (--max-connections)"
                 for code, text in sorted(errors.items()):
                     responses[code] = {"description": text, "content": ref}
         for unused in ("HTTPValidationError", "ValidationError"):

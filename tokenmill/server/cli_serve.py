@@ -4,9 +4,9 @@ Start-up order: parse and check the flags, load the model (seconds), print what 
 served (model, dtype, KV capacity, URL), then hand over to uvicorn, whose lifespan
 starts the engine thread.
 
-Connections: uvicorn's h11 protocol with a time-out on the request head
-(``http_guard.head_timeout_protocol``), at most ``--max-connections`` open (uvicorn's
-``limit_concurrency``: a request beyond them gets 503), and the app's own bounds on the body
+Connections: uvicorn's h11 protocol with a time-out on the request head and a cap of
+``--max-connections`` open connections (a request beyond them gets 503;
+``http_guard.guarded_h11_protocol``), and the app's own bounds on the body
 (``--max-request-body-bytes``, ``--request-read-timeout``); see ``limits``.
 
 Shutdown: on SIGINT or SIGTERM uvicorn stops accepting connections, lets the open ones
@@ -163,7 +163,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.server.app import build_app
-    from tokenmill.server.http_guard import head_timeout_protocol
+    from tokenmill.server.http_guard import guarded_h11_protocol
     from tokenmill.server.limits import ServerLimits
 
     max_queued = a.max_queued_requests or None
@@ -182,10 +182,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                             access_log=not a.disable_access_log,
                             timeout_keep_alive=a.timeout_keep_alive,
                             timeout_graceful_shutdown=a.shutdown_timeout,
-                            http=head_timeout_protocol(a.request_read_timeout),
-                            # uvicorn refuses a request once the open connections,
-                            # its own included, reach the limit: +1 lets N be served
-                            limit_concurrency=a.max_connections + 1)
+                            http=guarded_h11_protocol(a.request_read_timeout,
+                                                      a.max_connections))
     server = uvicorn.Server(config)
     with _graceful_signals_exit_zero():
         server.run()

@@ -15,6 +15,8 @@ body not sent within the read time-out     408    invalid_request_error  request
 body larger than --max-request-body-bytes  413    invalid_request_error  request_too_large
 Content-Type other than application/json   415    invalid_request_error  unsupported_media_type
 request queue full, or shutting down       429    rate_limit_exceeded    rate_limit_exceeded
+more than --max-connections open           503    server_error           too_many_connections
+the engine failed on this request alone    500    server_error           None
 engine loop crashed, unexpected bug        500    server_error           None
 ========================================  ======  =====================  =======================
 
@@ -36,7 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenmill.engine.async_engine import EngineDeadError, QueueFullError
+from tokenmill.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 from tokenmill.sampling_params import SamplingParams
 
 logger = logging.getLogger("tokenmill.server")
@@ -187,6 +189,10 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, f"The server is busy: {exc}.", type="rate_limit_exceeded",
                         code="rate_limit_exceeded")
+    if isinstance(exc, RequestFailedError):  # the engine logged why, with the request id
+        return APIError(500, "The engine failed on this request and ended it (other "
+                             "requests are not affected); it has been logged.",
+                        type="server_error")
     if isinstance(exc, EngineDeadError):  # what killed it is in the log
         return APIError(500, "The inference engine has stopped; this server cannot serve "
                              "requests until it is restarted.", type="server_error")
@@ -214,6 +220,6 @@ def install_exception_handlers(app: FastAPI) -> None:
                         type=type_).response()
 
     for cls in (APIError, ClientDisconnected, RequestValidationError, ValidationError,
-                QueueFullError, EngineDeadError, ValueError, Exception):
+                QueueFullError, EngineDeadError, RequestFailedError, ValueError, Exception):
         app.add_exception_handler(cls, handle)
     app.add_exception_handler(StarletteHTTPException, handle_http)

@@ -10,12 +10,15 @@
   ``json_bounds.parse_json_body`` (400 for what JSON or Unicode do not allow, or what
   nests too deeply), off the event loop when it is large; FastAPI then validates the
   parsed object against the route's model.
-* ``head_timeout_protocol``: uvicorn's h11 protocol, plus a time-out on the request head.
-  uvicorn has none: a client that sends half a request head (or nothing) keeps its
-  connection, and its slot under ``--max-connections``, forever. Here a connection whose
-  request head is not complete ``read_timeout`` seconds after the connection opened (or
-  after the first byte of a later request on a kept-alive connection) is closed. Idle
-  kept-alive connections keep uvicorn's own ``--timeout-keep-alive``.
+* ``guarded_h11_protocol``: uvicorn's h11 protocol, plus a time-out on the request head
+  and a cap on open connections. uvicorn has no head time-out: a client that sends half a
+  request head (or nothing) keeps its connection, and its slot under the cap, forever.
+  Here a connection whose request head is not complete ``read_timeout`` seconds after the
+  connection opened (or after the first byte of a later request on a kept-alive
+  connection) is closed. Idle kept-alive connections keep uvicorn's own
+  ``--timeout-keep-alive``. A request that arrives while more than ``max_connections``
+  connections are open gets a 503 in OpenAI's shape and its connection is closed (uvicorn's
+  own ``limit_concurrency`` answers in plain text).
 """
 
 from __future__ import annotations
@@ -151,14 +154,32 @@ class JSONBodyRoute(APIRoute):
         return checked_handler
 
 
-def head_timeout_protocol(read_timeout: float) -> type:
-    """uvicorn's ``H11Protocol`` with a time-out on the request head (see the module doc);
-    pass it as ``uvicorn.Config(http=...)``."""
+def _too_many_connections(max_connections: int) -> APIError:
+    return APIError(503, f"The server has too many open connections (at most "
+                         f"{max_connections}); retry later.", type="server_error",
+                    code="too_many_connections")
+
+
+def guarded_h11_protocol(read_timeout: float, max_connections: int) -> type:
+    """uvicorn's ``H11Protocol`` with a time-out on the request head and a connection cap
+    (see the module doc); pass it as ``uvicorn.Config(http=...)``."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeadTimeoutH11Protocol(H11Protocol):
+    class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            app, connections = self.app, self.connections
+
+            async def capped(scope: Scope, receive: Receive, send: Send) -> None:
+                if scope["type"] == "http" and len(connections) > max_connections:
+                    await _refuse(_too_many_connections(max_connections), scope, receive, send)
+                    return
+                await app(scope, receive, send)
+
+            self.app = capped
 
         def _arm(self) -> None:
             if self._head_timer is None:
@@ -200,4 +221,4 @@ def head_timeout_protocol(read_timeout: float) -> type:
             self._disarm()
             super().connection_lost(exc)
 
-    return HeadTimeoutH11Protocol
+    return GuardedH11Protocol

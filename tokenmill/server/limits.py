@@ -23,16 +23,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Shared with SamplingParams, which refuses the same values (ValueError) for the offline API:
+# choices per prompt (OpenAI: 128), logprobs / top_logprobs / prompt_logprobs (OpenAI: 20),
+# stop strings (OpenAI: 4; vLLM: any) and characters in each, entries in logit_bias,
+# stop_token_ids and choice lists, structured_outputs.max_whitespace.
+from tokenmill.sampling_params import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_TOKEN_IDS,
+)
+from tokenmill.sampling_params import MAX_STOP_STRING_LEN as MAX_STOP_CHARS
+from tokenmill.sampling_params import MAX_STOP_STRINGS as MAX_STOP
+from tokenmill.sampling_params import MAX_WHITESPACE_LIMIT as MAX_WHITESPACE
+
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_QUEUED_SEQUENCES", "DEFAULT_MAX_REQUEST_BODY_BYTES",
+    "DEFAULT_REQUEST_READ_TIMEOUT_S", "INT32_MAX", "INT64_MAX", "INT64_MIN", "MAX_CHOICES",
+    "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_LOGIT_BIAS", "MAX_LOGPROBS", "MAX_N",
+    "MAX_NAME_CHARS", "MAX_PRIORITY", "MAX_PROMPTS", "MAX_STOP", "MAX_STOP_CHARS",
+    "MAX_STOP_TOKEN_IDS", "MAX_TEMPLATE_KWARGS_DEPTH", "MAX_TOOLS", "MAX_TOOL_CALLS",
+    "MAX_WHITESPACE", "METADATA_KEY_CHARS", "METADATA_PAIRS", "METADATA_VALUE_CHARS",
+    "ServerLimits",
+]
+
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-MAX_N = 128                   # choices per prompt (OpenAI: 128)
 MAX_PROMPTS = 64              # prompts in one /v1/completions request
-MAX_STOP = 64                 # stop strings (OpenAI: 4; vLLM: no bound)
-MAX_STOP_CHARS = 1024         # characters per stop string
-MAX_STOP_TOKEN_IDS = 1024
-MAX_LOGIT_BIAS = 1024         # entries in logit_bias
-MAX_LOGPROBS = 20             # logprobs, top_logprobs, prompt_logprobs (OpenAI: 20)
 MAX_TOOLS = 128               # tools in one request (OpenAI: 128)
 MAX_TOOL_CALLS = 128          # tool calls in one assistant message
 MAX_JSON_BYTES = 64 * 1024    # a schema, a grammar, a tool definition, chat_template_kwargs
@@ -40,8 +59,6 @@ MAX_JSON_DEPTH = 64           # nesting of the whole body (and of tool-call argu
 MAX_TEMPLATE_KWARGS_DEPTH = 16
 MAX_NAME_CHARS = 256          # model names, message names, tool-call ids
 MAX_PRIORITY = 1000           # |priority|, when the operator allows priorities at all
-MAX_WHITESPACE = 1024         # structured_outputs.max_whitespace
-MAX_CHOICES = 1024            # guided_choice / structured_outputs.choice entries
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
