@@ -163,17 +163,31 @@ def test_fused_parts_stay_packed(sizes):
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("second", ["other-type", "float"])
-def test_fused_parts_of_mixed_types_fall_back_to_dense(second):
+def test_fused_parts_of_mixed_types_stay_packed_as_row_ranges():
+    """q/k in one type and v in another (as Q4_K_M files store them): each part kept in
+    its own type, multiplied in one call."""
+    layer = MergedColumnParallelLinear(64, [16, 24])
+    a, b = random_blocks(3, 16, 64, seed=1), random_blocks(8, 24, 64, seed=2)
+    layer.weight_loader(layer.weight, a, 0)
+    with pytest.raises(RuntimeError, match="before all its rows"):
+        layer(torch.randn(1, 64))
+    layer.weight_loader(layer.weight, b, 1)
+    assert isinstance(layer.packed, quantization.PackedRows)
+    assert layer.packed.qtypes == (3, 8)
+    assert torch.equal(layer.packed.dequantize(), torch.cat([dense(a), dense(b)]))
+    x = torch.randn(5, 64)
+    want = F.linear(kernels().round_activations(x), torch.cat([dense(a), dense(b)]))
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_parts_with_a_float_part_fall_back_to_dense():
     layer = MergedColumnParallelLinear(64, [16, 24])
     a = random_blocks(3, 16, 64, seed=1)
-    b = random_blocks(8, 24, 64, seed=2) if second == "other-type" else \
-        dense(random_blocks(8, 24, 64, seed=2))
+    b = dense(random_blocks(8, 24, 64, seed=2))
     layer.weight_loader(layer.weight, a, 0)
     layer.weight_loader(layer.weight, b, 1)
     assert layer.packed is None
-    want = torch.cat([dense(a), dense(b) if isinstance(b, QuantizedTensor) else b])
-    assert torch.equal(layer.weight, want)
+    assert torch.equal(layer.weight, torch.cat([dense(a), b]))
 
 
 def test_column_shard_of_blocks():

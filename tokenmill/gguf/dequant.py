@@ -41,6 +41,22 @@ def _q4_1(b: torch.Tensor) -> torch.Tensor:  # 20 bytes: d, m fp16, 32 x 4-bit; 
     return _nibbles(b[:, 4:]).float().mul_(dm[:, :1]).add_(dm[:, 1:])
 
 
+def _five_bits(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1: 16 bytes of nibbles plus bit i of the 4 bytes ``qh`` as bit 4 of weight i."""
+    bits = torch.arange(32, dtype=torch.int32)
+    high = (qh.contiguous().view(torch.int32) >> bits) & 1  # little-endian u32, bit i
+    return _nibbles(qs) | (high.to(torch.uint8) << 4)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:  # 22 bytes: d, qh[4], qs[16]; w = d*(q-16)
+    return (_five_bits(b[:, 2:6], b[:, 6:]).float() - 16).mul_(_f16(b[:, :2]))
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:  # 24 bytes: d, m, qh[4], qs[16]; w = d*q+m
+    dm = _f16(b[:, :4])
+    return _five_bits(b[:, 4:8], b[:, 8:]).float().mul_(dm[:, :1]).add_(dm[:, 1:])
+
+
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack Q4_K/Q5_K's 12 bytes into 8 six-bit scales and 8 six-bit mins.
 
@@ -97,7 +113,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return q.mul_((_f16(b[:, 208:]) * scales).unsqueeze(-1)).reshape(n, 256)
 
 
-_BLOCK_DEQUANT = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1,
+_BLOCK_DEQUANT = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
                   Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
 _FLOAT_VIEWS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 

@@ -1,6 +1,7 @@
 """The CPU kernels of ``csrc/``: built on first use, loaded with ctypes.
 
-The C sources, one per concern (``matmul.c``: packed-weight matrix products;
+The C sources, one per concern (``matmul.c``: packed-weight matrix products, and
+``matmul_stored.c`` for the types read as GGUF stores them;
 ``attention.c``: paged decode attention; ``elementwise.c``: fused RMSNorm, rotary,
 SiLU-and-mul; ``decode_step.c``: all layers of a decode step in one call; ``bitmask.c``:
 structured-output token masks; ``abi.c``: what is checked at load; ``common.h``: what they
@@ -36,7 +37,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 8  # TM_ABI_VERSION in csrc/common.h
+_ABI_VERSION = 9  # TM_ABI_VERSION in csrc/common.h
 
 
 def _sources() -> list[Path]:
@@ -52,10 +53,30 @@ def _source_digest() -> bytes:
     return h.digest()
 
 
-class TmWeight(ctypes.Structure):
-    """C ``tm_weight`` (csrc/common.h): a packed matrix and its ggml type id."""
+MAX_SEGMENTS = 3  # TM_MAX_SEGMENTS in csrc/common.h
 
-    _fields_ = [("qtype", ctypes.c_int64), ("data", ctypes.c_void_p)]
+
+class TmSegment(ctypes.Structure):
+    """C ``tm_segment`` (csrc/common.h): rows of a packed matrix in one ggml type."""
+
+    _fields_ = [("qtype", ctypes.c_int64), ("data", ctypes.c_void_p), ("rows", ctypes.c_int64)]
+
+
+class TmWeight(ctypes.Structure):
+    """C ``tm_weight`` (csrc/common.h): a packed matrix as up to ``MAX_SEGMENTS`` row
+    ranges stacked in order, each with its own type."""
+
+    _fields_ = [("nseg", ctypes.c_int64), ("seg", TmSegment * MAX_SEGMENTS)]
+
+    @classmethod
+    def of(cls, parts: list[tuple[int, torch.Tensor, int]]) -> TmWeight:
+        """From ``(qtype, data, rows)`` per segment (the tensors must outlive it)."""
+        if not 1 <= len(parts) <= MAX_SEGMENTS:
+            raise ValueError(f"a packed matrix has 1 to {MAX_SEGMENTS} segments, not {len(parts)}")
+        w = cls(nseg=len(parts))
+        for i, (qtype, data, rows) in enumerate(parts):
+            w.seg[i] = TmSegment(qtype=qtype, data=data.data_ptr(), rows=rows)
+        return w
 
 
 class TmLayer(ctypes.Structure):
@@ -116,6 +137,7 @@ class CPUKernels:
             raise RuntimeError(f"TmLayer is {ctypes.sizeof(TmLayer)} bytes, C tm_layer "
                                f"{lib.tm_layer_size()}: update one to match the other")
         lib.tm_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
+        lib.tm_gemm_weight.argtypes = [ctypes.POINTER(TmWeight), ptr, i64, i64, ptr]
         lib.tm_dequant.argtypes = [ctypes.c_int, ptr, i64, i64, ptr]
         lib.tm_dequant_rows.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr]
         lib.tm_pack_layout.argtypes = [ctypes.c_int, ptr, i64, i64]
@@ -158,6 +180,17 @@ class CPUKernels:
         rc = self.lib.tm_gemm(qtype, x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())
         if rc:
             raise RuntimeError(f"tm_gemm failed ({rc}) for type {qtype}, K={k}")
+        return y
+
+    def gemm_weight(self, w: TmWeight, x: torch.Tensor) -> torch.Tensor:
+        """``gemm`` for a matrix held as segments (``TmWeight``): y [M, total rows]; the
+        activations are rounded once for all of them."""
+        m, k = x.shape
+        n = sum(w.seg[i].rows for i in range(w.nseg))
+        y = torch.empty(m, n, dtype=torch.float32)
+        rc = self.lib.tm_gemm_weight(ctypes.byref(w), x.data_ptr(), m, k, y.data_ptr())
+        if rc:
+            raise RuntimeError(f"tm_gemm_weight failed ({rc}) for K={k}")
         return y
 
     def round_activations(self, x: torch.Tensor) -> torch.Tensor:

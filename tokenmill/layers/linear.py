@@ -12,8 +12,10 @@ know about sharding. Fused layers (qkv, gate_up) take their parts by ``shard_id`
 
 A GGUF part may arrive still quantized (``QuantizedTensor``); the layer then keeps the
 blocks (``self.packed``) and multiplies with ``packed_linear``, never materialising the
-float32 weight (its ``torch.empty`` pages are never touched). If the parts of a fused
-layer disagree in type, the layer falls back to a dense float weight.
+float32 weight (its ``torch.empty`` pages are never touched). The parts of a fused layer
+are held until all its rows have arrived, then packed together (``pack_parts``: one
+buffer, or row ranges of their own types, used in place where the type is read as
+stored). If a part arrives as floats, the layer falls back to a dense float weight.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.distributed import all_reduce, tp_rank, tp_size
-from tokenmill.layers.quantization import PackedWeight, QuantizedTensor, packable, packed_linear
+from tokenmill.layers.quantization import (
+    PackedRows,
+    PackedWeight,
+    QuantizedTensor,
+    pack_parts,
+    packable,
+    packed_linear,
+)
 
 
 def _shard_size(total: int) -> int:
@@ -42,7 +51,8 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        self.packed: PackedWeight | None = None
+        self.packed: PackedWeight | PackedRows | None = None
+        self._parts: list[tuple[int, QuantizedTensor]] = []  # until every row has arrived
         self._dense = False  # some rows of self.weight were written as floats
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -52,12 +62,20 @@ class LinearBase(nn.Module):
                part: torch.Tensor | QuantizedTensor) -> None:
         """Copy ``part`` (this rank's slice) into rows ``[row_offset, +len)`` of ``param``,
         keeping quantized blocks packed where a kernel can read them."""
-        if param is self.weight and isinstance(part, QuantizedTensor):
-            if self.packed is None and not self._dense and packable(part.qtype):
-                self.packed = PackedWeight(part.qtype, *param.shape)
-            if self.packed is not None and self.packed.qtype == part.qtype:
-                self.packed.copy_rows(row_offset, part)
-                return
+        if (param is self.weight and isinstance(part, QuantizedTensor) and not self._dense
+                and self.packed is None and packable(part.qtype)):
+            self._parts.append((row_offset, part))
+            arrived = sum(p.shape[0] for _, p in self._parts)
+            if arrived > param.shape[0]:
+                raise RuntimeError(f"more rows than the {tuple(param.shape)} weight holds "
+                                   "arrived (a part loaded twice?)")
+            if arrived == param.shape[0]:
+                packed = pack_parts(self._parts, tuple(param.shape))
+                if packed is None:  # more parts than the kernels take in one matrix
+                    self._densify()
+                else:
+                    self.packed, self._parts = packed, []
+            return
         if param is self.weight:
             self._densify()
         if isinstance(part, QuantizedTensor):
@@ -67,11 +85,20 @@ class LinearBase(nn.Module):
     def _densify(self) -> None:
         """Use the float weight from now on (a part arrived dense or in another type)."""
         self._dense = True
+        for offset, part in self._parts:
+            self.weight.data.narrow(0, offset, part.shape[0]).copy_(part.dequantize())
+        self._parts = []
         if self.packed is not None:
             self.weight.data.copy_(self.packed.dequantize())
             self.packed = None
 
+    def _check_loaded(self) -> None:
+        if self._parts:
+            raise RuntimeError(f"weight {tuple(self.weight.shape)} used before all its rows "
+                               "arrived")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_loaded()
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -141,6 +168,7 @@ class RowParallelLinear(LinearBase):
         self._store(param, 0, loaded.narrow(1, tp_rank() * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_loaded()
         y = packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
         y = all_reduce(y)
         return y + self.bias if self.bias is not None else y

@@ -105,5 +105,5 @@ class CPUDecodePath:
 
 
 def _weight(linear) -> TmWeight:
-    """The packed weight of a quantized linear layer, as C reads it."""
-    return TmWeight(qtype=linear.packed.qtype, data=linear.packed.data.data_ptr())
+    """The packed weight of a quantized linear layer, as C reads it (its segments)."""
+    return linear.packed.tm_weight()

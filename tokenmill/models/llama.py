@@ -49,8 +49,10 @@ class VocabEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded) -> None:
         if isinstance(loaded, QuantizedTensor) and packable(loaded.qtype):
-            self.packed = PackedWeight(loaded.qtype, *param.shape)
-            self.packed.copy_rows(0, loaded)
+            if tuple(loaded.shape) != tuple(param.shape):
+                raise ValueError(f"embedding {tuple(loaded.shape)} in the checkpoint, "
+                                 f"{tuple(param.shape)} in the model")
+            self.packed = PackedWeight.of(loaded)
             return
         param.data.copy_(loaded.dequantize() if isinstance(loaded, QuantizedTensor) else loaded)
 

@@ -43,7 +43,7 @@
 #define TM_INTERLEAVE (TM_VNNI || TM_VNNI256)
 
 /* Bumped whenever an exported signature or tm_layer changes; cpu.py checks it at load. */
-#define TM_ABI_VERSION 8
+#define TM_ABI_VERSION 9
 
 #define TM_INLINE static inline __attribute__((always_inline))
 
@@ -141,14 +141,33 @@ TM_INLINE __m512 exp_neg_512(__m512 x) {
 }
 #endif
 
+/* ---- Weight block types (ggml type ids) ----
+ * matmul.c reads Q4_0, Q4_1 and Q8_0 in a regrouped layout (scales of a row together);
+ * matmul_stored.c reads the others as the GGUF file stores them, so those matrices can
+ * stay memory-mapped. */
+enum {
+    TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q5_0 = 6, TM_Q5_1 = 7, TM_Q8_0 = 8, TM_Q2_K = 10,
+    TM_Q3_K = 11, TM_Q4_K = 12, TM_Q5_K = 13, TM_Q6_K = 14, TM_IQ4_NL = 20, TM_IQ4_XS = 23
+};
+
 /* ---- The layer record of a decode step (tm_decode_layers, decode_step.c) ----
- * One per decoder layer, filled by Python: tokenmill/kernels/cpu.py mirrors these two
- * structs field for field as ctypes Structures (TmWeight, TmLayer) and checks at load
- * that its size equals tm_layer_size(). Change both sides together, and TM_ABI_VERSION.
- * Every field is 8 bytes, so there is no padding to keep in step. */
+ * One per decoder layer, filled by Python: tokenmill/kernels/cpu.py mirrors these
+ * structs field for field as ctypes Structures (TmSegment, TmWeight, TmLayer) and checks
+ * at load that its size equals tm_layer_size(). Change both sides together, and
+ * TM_ABI_VERSION. Every field is 8 bytes, so there is no padding to keep in step. */
+typedef struct tm_segment {
+    int64_t qtype;         /* ggml type id (enum above) */
+    const uint8_t *data;   /* [rows, K] in the layout tm_pack_layout leaves */
+    int64_t rows;
+} tm_segment;
+
+/* A packed matrix: up to TM_MAX_SEGMENTS row ranges stacked in order, each of its own
+ * type (a fused projection whose parts a GGUF file stores in different types, or keeps
+ * as separate tensors that are used in place). */
+#define TM_MAX_SEGMENTS 3
 typedef struct tm_weight {
-    int64_t qtype;         /* ggml type id: 2 (Q4_0), 3 (Q4_1) or 8 (Q8_0) */
-    const uint8_t *data;   /* [N, K] in the layout tm_pack_layout leaves */
+    int64_t nseg;
+    tm_segment seg[TM_MAX_SEGMENTS];
 } tm_weight;
 
 typedef struct tm_layer {
@@ -166,9 +185,23 @@ typedef struct tm_layer {
 
 /* ---- Functions called from another source file (all are also exported) ---- */
 
-/* matmul.c: y[M, N] = x[M, K] @ W[N, K]^T, x rounded to 8 bits per block of 32. */
+/* matmul.c: y[M, N] = x[M, K] @ W[N, K]^T, x rounded to 8 bits per block of 32; W one
+ * matrix of one type, or (tm_gemm_weight) the stacked segments of a tm_weight. */
 int tm_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
             float *y);
+int tm_gemm_weight(const tm_weight *w, const float *x, int64_t M, int64_t K, float *y);
+
+/* matmul_stored.c: the types read as stored (all but Q4_0, Q4_1, Q8_0).
+ * tm_stored_block: weights and bytes per block (0, 0 for a type it does not read).
+ * tm_stored_rows: y[m, n] (row stride ldy) for the N rows of w, from activations already
+ *   rounded (yq, dx, sy as in matmul.c); work-shares its loop, so every thread of the
+ *   enclosing parallel region calls it (no barrier at the end).
+ * tm_stored_decode_row: row n of w [., K] as float32, as gguf-py computes it. */
+void tm_stored_block(int qtype, int *weights, int *bytes);
+void tm_stored_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, int64_t M,
+                    const int8_t *yq, const float *dx, const float *sy, float *y,
+                    int64_t ldy);
+void tm_stored_decode_row(int qtype, const uint8_t *w, int64_t K, int64_t n, float *out);
 
 /* attention.c: one query token per row, over the paged KV cache. */
 int tm_paged_decode_attention(const float *q, const void *k_cache, const void *v_cache,

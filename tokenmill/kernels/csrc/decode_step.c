@@ -54,7 +54,7 @@ static int decode_layer(const tm_layer *ly, int first, int64_t T, int64_t H, int
     } else {
         tm_rms_norm(x, residual, ly->ln1, T, H, eps, h);
     }
-    if ((rc = tm_gemm((int)ly->qkv.qtype, h, T, H, ly->qkv.data, W, big))) goto done;
+    if ((rc = tm_gemm_weight(&ly->qkv, h, T, H, big))) goto done;
     tm_rope(big, T, W, NH + KVH, D, positions, ly->cos, ly->sin);
     for (int64_t t = 0; t < T; t++) {
         const float *row = big + t * W;
@@ -66,12 +66,11 @@ static int decode_layer(const tm_layer *ly, int first, int64_t T, int64_t H, int
                                         seq_lens, T, NH, KVH, D, block_size, scale, att,
                                         kv_f16)))
         goto done;
-    if ((rc = tm_gemm((int)ly->o.qtype, att, T, NH * D, ly->o.data, H, x))) goto done;
+    if ((rc = tm_gemm_weight(&ly->o, att, T, NH * D, x))) goto done;
     tm_rms_norm(x, residual, ly->ln2, T, H, eps, h);
-    if ((rc = tm_gemm((int)ly->gate_up.qtype, h, T, H, ly->gate_up.data, 2 * I, big)))
-        goto done;
+    if ((rc = tm_gemm_weight(&ly->gate_up, h, T, H, big))) goto done;
     tm_silu_and_mul(big, T, I, att);
-    rc = tm_gemm((int)ly->down.qtype, att, T, I, ly->down.data, H, x);
+    rc = tm_gemm_weight(&ly->down, att, T, I, x);
 done:
     free(h), free(big), free(q), free(att);
     return rc;

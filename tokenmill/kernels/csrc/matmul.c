@@ -1,4 +1,8 @@
-/* Matrix products with weights kept in llama.cpp's block formats (Q4_0, Q4_1, Q8_0).
+/* Matrix products with weights kept in llama.cpp's block formats: the driver for every
+ * type (tm_gemm, tm_gemm_weight, tm_dequant, tm_dequant_rows, tm_pack_layout) and the
+ * kernels of the three types kept in a regrouped layout, Q4_0, Q4_1 and Q8_0; the types
+ * read as the file stores them (Q5_0, Q5_1, IQ4_NL, the K-quants, IQ4_XS) have their
+ * kernels in matmul_stored.c.
  *
  * A weight matrix [N, K] is N rows of K/32 blocks; a block holds 32 weights as small
  * integers plus fp16 scale(s):
@@ -21,19 +25,20 @@
  * whatever the other rows of the batch are (tiles of 1, 2 or 4 rows differ only in how
  * many rows share a pass over the weights), so outputs are batch-invariant.
  *
- *   tm_pack_layout(qtype, w, N, K): the row layout -> the layout tm_gemm reads, in place.
+ *   tm_pack_layout(qtype, w, N, K): the row layout -> the layout tm_gemm reads, in place
+ *       (nothing to do for the types read as stored).
  *   tm_gemm(qtype, x[M,K], w, N, y[M,N]):  y = x @ W^T, parallel over output rows (OpenMP,
  *       sharing the runtime torch loaded).
+ *   tm_gemm_weight(tm_weight, x[M,K], y[M,N]): the same for a matrix stored as up to
+ *       TM_MAX_SEGMENTS row ranges of their own types; the activations are rounded once.
  *   tm_round_activations(x[M,K], out): x rounded as tm_gemm rounds it (the reference
  *       of the tests).
  *   tm_dequant(qtype, w, N, K, out[N,K]), tm_dequant_rows(...): the weights as float32.
  */
 #include "common.h"
 
-enum { TM_Q4_0 = 2, TM_Q4_1 = 3, TM_Q8_0 = 8 }; /* ggml type ids */
-
 /* Returns `call` (naming QT) with QT the constant type id: one inlined copy per type, so
- * the block decoding has constant offsets and no branches; -1 for an unknown type. */
+ * the block decoding has constant offsets and no branches; -1 for another type. */
 #define TM_BY_QTYPE(qtype, call)                                       \
     switch (qtype) {                                                   \
     case TM_Q4_0: { const int QT = TM_Q4_0; return call; }             \
@@ -180,7 +185,16 @@ TM_INLINE int pack_impl(int qtype, uint8_t *w, int64_t N, int64_t K) {
     return failed ? -2 : 0;
 }
 
+/* Weights per block of a type read as stored, else 0. */
+static int stored_weights(int qtype) {
+    int weights, bytes;
+    tm_stored_block(qtype, &weights, &bytes);
+    return weights;
+}
+
 int tm_pack_layout(int qtype, uint8_t *w, int64_t N, int64_t K) {
+    const int sw = stored_weights(qtype);
+    if (sw) return K % sw ? -1 : 0;  /* used as stored */
     TM_BY_QTYPE(qtype, pack_impl(QT, w, N, K));
 }
 
@@ -435,16 +449,93 @@ TM_INLINE void vnni_tile_256(int qtype, int ROWS, const uint8_t *grp, int64_t nb
 }
 #endif
 
-/* y[M, N] = x[M, K] @ W[N, K]^T with x rounded as above. Returns 0, or -1 for an unknown
- * type or K % 32 != 0, -2 when out of memory. */
-TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w,
-                        int64_t N, float *y) {
-    if (!block_bytes(qtype) || K % 32) return -1;
+/* y[m, n] (row stride ldy) for the N rows of W, from activations rounded as above. Every
+ * thread of the enclosing parallel region calls it; it shares the rows among them and
+ * does not wait for the others at the end. */
+TM_INLINE int rows_impl(int qtype, const uint8_t *w, int64_t N, int64_t K, int64_t M,
+                        const int8_t *yq, const float *dx, const float *sy,
+                        const int32_t *ys, float *y, int64_t ldy) {
     const int64_t nb = K / 32;
-    int8_t *yq = (int8_t *)malloc((size_t)(M * K));
-    float *dx = (float *)malloc((size_t)(M * nb) * sizeof(float));
-    float *sy = (float *)malloc((size_t)(M * nb) * sizeof(float));
-    int32_t *ys = (int32_t *)malloc((size_t)(M * nb) * sizeof(int32_t));
+#if TM_INTERLEAVE
+    if (interleaved(N)) {
+        const int64_t group_bytes = nb * TM_GROUP * block_bytes(qtype);
+#if TM_VNNI
+#define TM_TILE vnni_tile
+        const int tile = 4;
+#else
+#define TM_TILE vnni_tile_256
+        const int tile = 2;
+#endif
+#pragma omp for schedule(static) nowait
+        for (int64_t g = 0; g < N / TM_GROUP; g++) {
+            const uint8_t *grp = w + g * group_bytes;
+            float *yg = y + g * TM_GROUP;
+            int64_t m = 0;
+            for (; m + tile <= M; m += tile)
+                TM_TILE(qtype, tile, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                        ys + m * nb, yg + m * ldy, ldy);
+            for (; m < M; m++)
+                TM_TILE(qtype, 1, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                        ys + m * nb, yg + m * ldy, ldy);
+        }
+#undef TM_TILE
+        return 0;
+    }
+#else
+    (void)ys;
+#endif
+#pragma omp for schedule(static) nowait
+    for (int64_t n = 0; n < N; n++) {
+        const wrow row = row_at(qtype, w, n, nb);
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4)
+            dot_tile(qtype, 4, row, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                     y + m * ldy + n, ldy);
+        for (; m < M; m++)
+            dot_tile(qtype, 1, row, nb, yq + m * K, dx + m * nb, sy + m * nb,
+                     y + m * ldy + n, ldy);
+    }
+    return 0;
+}
+
+/* One segment: its type's kernel, here or in matmul_stored.c. */
+static void segment_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, int64_t M,
+                         const int8_t *yq, const float *dx, const float *sy,
+                         const int32_t *ys, float *y, int64_t ldy) {
+    if (stored_weights(qtype)) {
+        tm_stored_rows(qtype, w, N, K, M, yq, dx, sy, y, ldy);
+        return;
+    }
+    switch (qtype) {  /* TM_BY_QTYPE without its return */
+    case TM_Q4_0: rows_impl(TM_Q4_0, w, N, K, M, yq, dx, sy, ys, y, ldy); break;
+    case TM_Q4_1: rows_impl(TM_Q4_1, w, N, K, M, yq, dx, sy, ys, y, ldy); break;
+    case TM_Q8_0: rows_impl(TM_Q8_0, w, N, K, M, yq, dx, sy, ys, y, ldy); break;
+    default: break;
+    }
+}
+
+/* Can this build multiply a [., K] matrix of this type? */
+static int known_type(int qtype, int64_t K) {
+    const int sw = stored_weights(qtype);
+    if (sw) return K % sw == 0;
+    return block_bytes(qtype) && K % 32 == 0;
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T, W the segments of w stacked (N = their rows), x rounded
+ * as above (once for all segments). Returns 0, or -1 for an unknown type, a K that is not
+ * whole blocks or a bad segment count, -2 when out of memory. */
+int tm_gemm_weight(const tm_weight *w, const float *x, int64_t M, int64_t K, float *y) {
+    if (w->nseg < 1 || w->nseg > TM_MAX_SEGMENTS || K % 32) return -1;
+    int64_t N = 0;
+    for (int64_t s = 0; s < w->nseg; s++) {
+        if (!known_type((int)w->seg[s].qtype, K) || w->seg[s].rows < 0) return -1;
+        N += w->seg[s].rows;
+    }
+    const int64_t nb = K / 32;
+    int8_t *yq = (int8_t *)malloc((size_t)(M * K) + 1);
+    float *dx = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
+    float *sy = (float *)malloc((size_t)(M * nb + 1) * sizeof(float));
+    int32_t *ys = (int32_t *)malloc((size_t)(M * nb + 1) * sizeof(int32_t));
     if (!yq || !dx || !sy || !ys) {
         free(yq), free(dx), free(sy), free(ys);
         return -2;
@@ -454,53 +545,27 @@ TM_INLINE int gemm_impl(int qtype, const float *x, int64_t M, int64_t K, const u
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
             quantize_act_row(x + m * K, K, yq + m * K, dx + m * nb, sy + m * nb, ys + m * nb);
-#if TM_INTERLEAVE
-        if (interleaved(N)) {
-            const int64_t group_bytes = nb * TM_GROUP * block_bytes(qtype);
-#if TM_VNNI
-#define TM_TILE vnni_tile
-            const int tile = 4;
-#else
-#define TM_TILE vnni_tile_256
-            const int tile = 2;
-#endif
-#pragma omp for schedule(static)
-            for (int64_t g = 0; g < N / TM_GROUP; g++) {
-                const uint8_t *grp = w + g * group_bytes;
-                float *yg = y + g * TM_GROUP;
-                int64_t m = 0;
-                for (; m + tile <= M; m += tile)
-                    TM_TILE(qtype, tile, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
-                            ys + m * nb, yg + m * N, N);
-                for (; m < M; m++)
-                    TM_TILE(qtype, 1, grp, nb, yq + m * K, dx + m * nb, sy + m * nb,
-                            ys + m * nb, yg + m * N, N);
-            }
-#undef TM_TILE
-        } else
-#endif
-        {
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; n++) {
-                const wrow row = row_at(qtype, w, n, nb);
-                int64_t m = 0;
-                for (; m + 4 <= M; m += 4)
-                    dot_tile(qtype, 4, row, nb, yq + m * K, dx + m * nb, sy + m * nb,
-                             y + m * N + n, N);
-                for (; m < M; m++)
-                    dot_tile(qtype, 1, row, nb, yq + m * K, dx + m * nb, sy + m * nb,
-                             y + m * N + n, N);
-            }
+        int64_t first = 0;
+        for (int64_t s = 0; s < w->nseg; s++) {
+            segment_rows((int)w->seg[s].qtype, w->seg[s].data, w->seg[s].rows, K, M, yq, dx,
+                         sy, ys, y + first, N);
+            first += w->seg[s].rows;
         }
     }
     free(yq), free(dx), free(sy), free(ys);
     return 0;
 }
 
-/* y[M, N] = x[M, K] @ W[N, K]^T. */
+/* y[M, N] = x[M, K] @ W[N, K]^T for one matrix of one type. */
 int tm_gemm(int qtype, const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N,
             float *y) {
-    TM_BY_QTYPE(qtype, gemm_impl(QT, x, M, K, w, N, y));
+    tm_weight one;
+    memset(&one, 0, sizeof one);
+    one.nseg = 1;
+    one.seg[0].qtype = qtype;
+    one.seg[0].data = w;
+    one.seg[0].rows = N;
+    return tm_gemm_weight(&one, x, M, K, y);
 }
 
 /* x rounded to 8 bits per block exactly as tm_gemm rounds it, back in float32. */
@@ -528,6 +593,13 @@ TM_INLINE int dequant_impl(int qtype, const uint8_t *w, int64_t N, int64_t K, fl
 }
 
 int tm_dequant(int qtype, const uint8_t *w, int64_t N, int64_t K, float *out) {
+    const int sw = stored_weights(qtype);
+    if (sw) {
+        if (K % sw) return -1;
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n++) tm_stored_decode_row(qtype, w, K, n, out + n * K);
+        return 0;
+    }
     TM_BY_QTYPE(qtype, dequant_impl(QT, w, N, K, out));
 }
 
@@ -544,5 +616,13 @@ TM_INLINE int dequant_rows_impl(int qtype, const uint8_t *w, int64_t N, int64_t 
 
 int tm_dequant_rows(int qtype, const uint8_t *w, int64_t N, int64_t K, const int64_t *ids,
                     int64_t n, float *out) {
+    const int sw = stored_weights(qtype);
+    if (sw) {
+        if (K % sw) return -1;
+        for (int64_t i = 0; i < n; i++)
+            if (ids[i] < 0 || ids[i] >= N) return -3;
+        for (int64_t i = 0; i < n; i++) tm_stored_decode_row(qtype, w, K, ids[i], out + i * K);
+        return 0;
+    }
     TM_BY_QTYPE(qtype, dequant_rows_impl(QT, w, N, K, ids, n, out));
 }
