@@ -361,3 +361,166 @@ def test_real_gguf_matches_transformers():
     for name, tensor in theirs.items():
         assert ours[name].dtype == torch.float32
         torch.testing.assert_close(ours[name], tensor.float(), rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------- packed in place, refused types, bad files
+
+# A qwen2 layer stored the way llama.cpp's Q4_K_M mix stores Qwen2.5-0.5B (q, k in Q5_0 and
+# v in Q8_0: one fused q/k/v of two types) plus a gate/up of two types.
+Q4_K_M_LIKE = {
+    "model.embed_tokens.weight": Q.Q5_0, "lm_head.weight": Q.Q8_0,
+    "model.layers.0.self_attn.q_proj.weight": Q.Q5_0,
+    "model.layers.0.self_attn.k_proj.weight": Q.Q5_0,
+    "model.layers.0.self_attn.v_proj.weight": Q.Q8_0,
+    "model.layers.0.self_attn.o_proj.weight": Q.Q4_K,
+    "model.layers.0.mlp.gate_proj.weight": Q.Q4_K,
+    "model.layers.0.mlp.up_proj.weight": Q.Q5_0,
+    "model.layers.0.mlp.down_proj.weight": Q.Q6_K,
+}
+
+
+def _q4_k_m_like_file(tmp_path) -> str:
+    from tests.kernels.quant_blocks import random_blocks
+
+    tensors = {}
+    for i, (hf, shape) in enumerate(HF_SHAPES.items()):
+        if hf in Q4_K_M_LIKE:
+            t = random_blocks(Q4_K_M_LIKE[hf], *shape, seed=i)
+            tensors[GGUF_NAMES[hf]] = (t.data.numpy(), Q4_K_M_LIKE[hf])
+        else:
+            tensors[GGUF_NAMES[hf]] = (np.ones(shape, np.float32), Q.F32)
+    for part, rows in (("q", HIDDEN), ("k", KV_HEADS * HEAD_DIM), ("v", KV_HEADS * HEAD_DIM)):
+        tensors[f"blk.0.attn_{part}.bias"] = (np.zeros(rows, np.float32), Q.F32)
+    return write_gguf(tmp_path / "q4km.gguf", "qwen2", tensors)
+
+
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of ``path`` (Linux)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(os.path.realpath(path)):
+                lo, hi = line.split()[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def test_stored_types_stay_packed_and_mapped(tmp_path):
+    """Loaded into the model: every matrix packed in its own type (fused parts of two types
+    as row ranges), equal to the dequantized file, and the types read as stored are views
+    of the memory-mapped file, not copies (Q8_0 is regrouped: a copy)."""
+    from tokenmill.config import ModelConfig
+    from tokenmill.kernels.cpu import kernels
+    from tokenmill.layers.attention import TorchSDPABackend
+    from tokenmill.layers.quantization import PackedRows, packable
+    from tokenmill.models import build_model
+
+    if kernels() is None or not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs the CPU kernels and /proc/self/maps")
+    path = _q4_k_m_like_file(tmp_path)
+    ckpt = open_checkpoint(path)
+    model = build_model(ModelConfig.from_hf(ckpt.hf_config), TorchSDPABackend())
+    model.load_weights(ckpt.tensors(packable))
+    dense = dict(ckpt.tensors())
+    layer = model.model.layers[0]
+    mapped = _mapped_ranges(path)
+
+    def in_file(t: torch.Tensor) -> bool:
+        return any(lo <= t.data_ptr() < hi for lo, hi in mapped)
+
+    qkv, gate_up = layer.self_attn.qkv_proj.packed, layer.mlp.gate_up_proj.packed
+    assert isinstance(qkv, PackedRows) and qkv.qtypes == (6, 6, 8)
+    assert isinstance(gate_up, PackedRows) and gate_up.qtypes == (12, 6)
+    pre = "model.layers.0."
+    want = {
+        qkv: torch.cat([dense[pre + f"self_attn.{p}_proj.weight"] for p in "qkv"]),
+        gate_up: torch.cat([dense[pre + f"mlp.{p}_proj.weight"] for p in ("gate", "up")]),
+        layer.self_attn.o_proj.packed: dense[pre + "self_attn.o_proj.weight"],
+        layer.mlp.down_proj.packed: dense[pre + "mlp.down_proj.weight"],
+        model.model.embed_tokens.packed: dense["model.embed_tokens.weight"],
+        model.lm_head.packed: dense["lm_head.weight"],
+    }
+    for packed, weight in want.items():
+        assert torch.equal(packed.dequantize(), weight)
+    assert (layer.self_attn.o_proj.packed.qtype, layer.mlp.down_proj.packed.qtype) == (12, 14)
+    for w in (*qkv.parts[:2], gate_up.parts[0], gate_up.parts[1],
+              layer.self_attn.o_proj.packed, layer.mlp.down_proj.packed,
+              model.model.embed_tokens.packed):
+        assert in_file(w.data), QTYPE_NAME.get(w.qtype)
+    assert not in_file(qkv.parts[2].data) and not in_file(model.lm_head.packed.data)  # Q8_0
+    ids = torch.tensor([[0, 31], [5, 5]])
+    assert torch.equal(model.model.embed_tokens(ids), dense["model.embed_tokens.weight"][ids])
+
+
+QTYPE_NAME = {int(q): q.name for q in Q}
+
+
+def test_a_type_we_cannot_run_is_refused_at_open(tmp_path):
+    tensors = {GGUF_NAMES[n]: (v, Q.F32) for n, v in _f32_model("llama").items()}
+    block, size = gguf.GGML_QUANT_SIZES[Q.Q8_K]  # llama.cpp's internal activation type
+    tensors["blk.0.ffn_down.weight"] = (np.zeros((HIDDEN, FFN // block * size), np.uint8),
+                                        Q.Q8_K)
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_down\.weight' is stored as Q8_K"):
+        open_checkpoint(write_gguf(tmp_path / "q8k.gguf", "llama", tensors))
+    tensors["blk.0.ffn_down.weight"] = (np.zeros((HIDDEN, FFN), np.int32), Q.I32)
+    with pytest.raises(ValueError, match=r"'blk\.0\.ffn_down\.weight' is stored as I32"):
+        open_checkpoint(write_gguf(tmp_path / "i32.gguf", "llama", tensors))
+
+
+def _open_and_read(path: str) -> None:
+    from tokenmill.layers.quantization import packable
+
+    ckpt = open_checkpoint(path)
+    for _ in ckpt.tensors(packable):
+        pass
+
+
+def test_truncated_files_are_clear_errors(tmp_path):
+    """Cut anywhere, from the header to the last tensor's bytes: a ValueError naming the
+    file, never another exception or a crash."""
+    full = open(_q4_k_m_like_file(tmp_path), "rb").read()
+    cuts = sorted({*range(0, 4096, 97), *range(0, len(full), len(full) // 40), len(full) - 1})
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(full[:cut])
+        with pytest.raises(ValueError, match=str(path)):
+            _open_and_read(str(path))
+        path.unlink()
+
+
+def _tensor_entry(data: bytes, name: str) -> int:
+    """Byte offset of tensor ``name``'s n_dims field in a GGUF header."""
+    key = len(name).to_bytes(8, "little") + name.encode()
+    at = data.index(key, data.index(b"tokenizer.ggml.eos_token_id"))
+    return at + len(key)
+
+
+@pytest.mark.parametrize("corruption", [
+    "n_tensors", "n_kv", "n_dims", "dim_overflow", "type_id", "offset", "misaligned",
+    "string_length", "array_count", "alignment"])
+def test_corrupt_headers_are_clear_errors(tmp_path, corruption):
+    import struct
+
+    meta = {"general.alignment": 32} if corruption == "alignment" else None
+    tensors = {GGUF_NAMES[n]: (v, Q.F32) for n, v in _f32_model("qwen2").items()}
+    data = bytearray(open(write_gguf(tmp_path / "ok.gguf", "qwen2", tensors, meta), "rb").read())
+    entry = _tensor_entry(data, "blk.0.ffn_down.weight")  # n_dims, 2 dims, type, offset
+    patch = {  # where (given the file's bytes) and what to write
+        "n_tensors": lambda: (8, struct.pack("<Q", 2**60)),
+        "n_kv": lambda: (16, struct.pack("<Q", 2**40)),
+        "n_dims": lambda: (entry, struct.pack("<I", 7)),
+        "dim_overflow": lambda: (entry + 4, struct.pack("<QQ", 2**62, 2**62)),
+        "type_id": lambda: (entry + 20, struct.pack("<I", 250)),
+        "offset": lambda: (entry + 24, struct.pack("<Q", 2**50)),
+        "misaligned": lambda: (entry + 24, struct.pack("<Q", 4)),
+        "string_length": lambda: (24, struct.pack("<Q", 2**50)),  # the first key's length
+        "array_count": lambda: (data.index(b"tokenizer.ggml.tokens") + 21 + 8,
+                                struct.pack("<Q", 2**58)),
+        "alignment": lambda: (data.index(b"general.alignment") + 17 + 4, struct.pack("<I", 0)),
+    }
+    at, value = patch[corruption]()
+    data[at:at + len(value)] = value
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=str(path)):
+        _open_and_read(str(path))

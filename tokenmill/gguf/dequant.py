@@ -8,12 +8,14 @@ ggml types fall back to gguf-py.
 
 from __future__ import annotations
 
+import functools
+
 import gguf.quants
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-__all__ = ["dequantize"]
+__all__ = ["can_dequantize", "dequantize"]
 
 Q = GGMLQuantizationType
 
@@ -116,6 +118,18 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
 _BLOCK_DEQUANT = {Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
                   Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
 _FLOAT_VIEWS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+
+
+@functools.cache
+def can_dequantize(qtype: GGMLQuantizationType) -> bool:
+    """Can ``dequantize`` turn tensors of this type into floats (here or with gguf-py)?"""
+    if qtype in _FLOAT_VIEWS or qtype in _BLOCK_DEQUANT:
+        return True
+    try:
+        gguf.quants.dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def dequantize(raw: torch.Tensor, qtype: GGMLQuantizationType,

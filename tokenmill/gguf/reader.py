@@ -45,6 +45,10 @@ _SCALAR_FORMAT = {int(t): f for t, f in {
 }.items()}  # fmt: skip
 _STRING, _ARRAY = int(GGUFValueType.STRING), int(GGUFValueType.ARRAY)
 _BOOL = int(GGUFValueType.BOOL)
+# the fewest bytes a value of each type takes (a string or array: its length or header)
+_MIN_SIZE = {**{t: struct.calcsize(f) for t, f in _SCALAR_FORMAT.items()},
+             _STRING: 8, _ARRAY: 12}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,10 @@ class _Cursor:
             return self.string()
         if vtype == _ARRAY:
             item_type, count = self.scalar("I"), self.scalar("Q")
+            smallest = _MIN_SIZE.get(item_type, 1)  # the least bytes one item can take
+            if count * smallest > len(self.buf) - self.pos:
+                raise self._truncated(f"an array of {count} items at byte {self.pos} does "
+                                      "not fit in the file")
             if item_type == _STRING:  # e.g. the vocabulary: the hot loop
                 return [self.string() for _ in range(count)]
             fmt = _SCALAR_FORMAT.get(item_type)
@@ -132,6 +140,10 @@ def _open_header(path: str, buf: Any) -> tuple[_Cursor, int, int, int]:
     cur = _Cursor(buf, path, order)
     cur.pos = 8
     n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
+    # a key/value takes at least 8 + 4 + 1 bytes, a tensor entry 8 + 4 + 4 + 8
+    if n_kv * 13 + n_tensors * 24 > len(buf) - cur.pos:
+        raise cur._truncated(f"its header counts {n_tensors} tensors and {n_kv} metadata "
+                             "entries, more than the file can hold")
     return cur, version, n_tensors, n_kv
 
 
@@ -171,17 +183,26 @@ def read_gguf(path: str) -> GGUFFile:
         raw_infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
+            n_dims = cur.scalar("I")
+            if n_dims > _MAX_DIMS:
+                raise ValueError(f"{path} is corrupt: tensor {name!r} has {n_dims} dimensions "
+                                 f"(at most {_MAX_DIMS}).")
+            dims = [cur.scalar("Q") for _ in range(n_dims)]
             raw_infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
-    align = int(metadata.get("general.alignment", 32))
+    align = metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+        raise ValueError(f"{path} is corrupt: general.alignment is {align!r}, not a power of 2.")
     data_start = (cur.pos + align - 1) // align * align
-    tensors = tuple(_tensor_info(path, size, data_start, *info) for info in raw_infos)
+    tensors = tuple(_tensor_info(path, size, data_start, align, *info) for info in raw_infos)
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"{path} is corrupt: tensor {twice!r} is listed twice.")
     return GGUFFile(path=path, version=version, metadata=metadata, tensors=tensors)
 
 
-def _tensor_info(
-    path: str, size: int, data_start: int, name: str, dims: list[int], type_id: int, off: int
-) -> GGUFTensorInfo:
+def _tensor_info(path: str, size: int, data_start: int, align: int, name: str,
+                 dims: list[int], type_id: int, off: int) -> GGUFTensorInfo:
     try:
         qtype = GGMLQuantizationType(type_id)
     except ValueError:
@@ -190,7 +211,13 @@ def _tensor_info(
     if dims and dims[0] % block_size:
         raise ValueError(f"{path}: tensor {name!r} row of {dims[0]} is not whole {qtype.name} "
                          f"blocks of {block_size}.")
-    nbytes = int(np.prod(dims, dtype=np.int64)) // block_size * type_size
+    count = 1
+    for d in dims:  # Python ints: a corrupt dimension cannot overflow
+        count *= d
+    nbytes = count // block_size * type_size
+    if off % align:
+        raise ValueError(f"{path} is corrupt: tensor {name!r} starts at offset {off}, not a "
+                         f"multiple of the alignment {align}.")
     if data_start + off + nbytes > size:
         raise ValueError(f"{path} is truncated: tensor {name!r} ends past the end of the file.")
     return GGUFTensorInfo(name, qtype, tuple(reversed(dims)), data_start + off, nbytes)

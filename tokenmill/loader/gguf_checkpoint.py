@@ -1,8 +1,13 @@
 """Present a llama.cpp GGUF file as a Hugging Face checkpoint.
 
-The header is parsed by ``gguf_reader`` and the tensors are dequantized by ``gguf_dequant``;
-the tensor data is memory-mapped and dequantized on demand. Four translations make a GGUF
-look like an HF checkpoint:
+The header is parsed by ``tokenmill.gguf.reader`` and the tensors are dequantized by
+``tokenmill.gguf.dequant``. Each tensor's bytes are memory-mapped on their own (a private,
+copy-on-write mapping of its pages) as the reader reaches it: a matrix the model keeps
+packed as stored stays a view of the file (its pages shared with the page cache, read
+when first used), and one it converts or copies is unmapped once dropped. So loading a
+GGUF needs about the memory of what the model keeps, not a copy of the file. A tensor of
+a type tokenmill cannot run is refused when the file is opened, by name and type. Four
+translations make a GGUF look like an HF checkpoint:
 
 1. Metadata -> ``config.json`` keys (``_hf_config``).
 2. Tensor names ``blk.N.attn_q.weight`` -> ``model.layers.N.self_attn.q_proj.weight``.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -24,8 +30,8 @@ from typing import Any
 import torch
 
 from tokenmill.config import RopeConfig
-from tokenmill.gguf.dequant import dequantize
-from tokenmill.gguf.quant_types import QuantizedTensor
+from tokenmill.gguf.dequant import can_dequantize, dequantize
+from tokenmill.gguf.quant_types import PACKED_BLOCKS, QuantizedTensor
 from tokenmill.gguf.reader import GGUFFile, GGUFTensorInfo, read_gguf
 from tokenmill.layers.rotary import inverse_frequencies
 from tokenmill.loader.checkpoint import Checkpoint, normalize_hf_config
@@ -212,6 +218,31 @@ def _read_tensor(path: str, info: GGUFTensorInfo) -> torch.Tensor:
     return dequantize(raw, info.qtype, info.shape)
 
 
+def _map_tensor(f, info: GGUFTensorInfo) -> torch.Tensor:
+    """The tensor's bytes (uint8) over a private, copy-on-write mapping of just its pages
+    (``ACCESS_COPY``: writable for ``torch.frombuffer``, never written back). The mapping
+    lives as long as a view of it does."""
+    if info.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+    buf = mmap.mmap(f.fileno(), info.offset + info.nbytes - start, offset=start,
+                    access=mmap.ACCESS_COPY)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes,
+                            offset=info.offset - start)
+
+
+def _refuse_unrunnable(header: GGUFFile, tensors: list[GGUFTensorInfo]) -> None:
+    """A tensor type neither the kernels nor a dequantizer reads is refused now, not
+    halfway through loading."""
+    for info in tensors:
+        if int(info.qtype) not in PACKED_BLOCKS and not can_dequantize(info.qtype):
+            raise ValueError(
+                f"{header.path}: tensor {info.name!r} is stored as {info.qtype.name}, a type "
+                "tokenmill cannot run (it reads F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
+                "Q2_K-Q6_K, IQ4_NL, IQ4_XS, and dequantizes the other types gguf-py can). "
+                "Re-quantize the model, e.g. to Q4_K_M or Q8_0.")
+
+
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch ops single-threaded: dequantization is a chain of small memory-bound
@@ -238,6 +269,8 @@ def open_gguf(path: str) -> Checkpoint:
                          "`llama-gguf-split --merge first-part.gguf merged.gguf`.")
     named = [(hf_tensor_name(t.name), t) for t in header.tensors]
     named = [(n, t) for n, t in named if n is not None]
+    _refuse_unrunnable(header, [t for _, t in named])
+    data_end = max((t.offset + t.nbytes for t in header.tensors), default=0)
     rope_freqs = next((_read_tensor(path, t) for t in header.tensors
                        if t.name == "rope_freqs.weight"), None)
     hf_config = _hf_config(header, arch, {n: t.shape for n, t in named}, rope_freqs)
@@ -246,25 +279,25 @@ def open_gguf(path: str) -> Checkpoint:
              "k_proj": hf_config["num_key_value_heads"]}
 
     def read(keep_packed=None) -> Iterator[tuple[str, Any]]:
-        # ACCESS_COPY gives a writable (copy-on-write) view, so torch.frombuffer needs no
-        # copy and does not warn; nothing is ever written back to the file.
         with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        for hf_name, info in named:
-            raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes,
-                                   offset=info.offset)
-            proj = hf_name.split(".")[-2]
-            if len(info.shape) == 2 and keep_packed is not None and keep_packed(info.qtype):
-                rows = raw.view(info.shape[0], -1)  # rows of blocks, HF [out, in] order
-                if permuted and proj in heads:
-                    rows = _unpermute_rope(rows, heads[proj])
-                yield hf_name, QuantizedTensor(int(info.qtype), rows, tuple(info.shape))
-                continue
-            with _one_thread():
-                tensor = dequantize(raw, info.qtype, info.shape)
-                if permuted and proj in heads:
-                    tensor = _unpermute_rope(tensor, heads[proj])
-            yield hf_name, tensor
+            if os.fstat(f.fileno()).st_size < data_end:
+                raise ValueError(f"{path} is truncated: it became shorter since it was opened.")
+            for hf_name, info in named:
+                raw = _map_tensor(f, info)
+                proj = hf_name.split(".")[-2]
+                if (len(info.shape) == 2 and keep_packed is not None
+                        and keep_packed(info.qtype)):
+                    rows = raw.view(info.shape[0], -1)  # rows of blocks, HF [out, in] order
+                    if permuted and proj in heads:
+                        rows = _unpermute_rope(rows, heads[proj])
+                    yield hf_name, QuantizedTensor(int(info.qtype), rows, tuple(info.shape))
+                    continue
+                with _one_thread():
+                    tensor = dequantize(raw, info.qtype, info.shape)
+                    if permuted and proj in heads:
+                        tensor = _unpermute_rope(tensor, heads[proj])
+                del raw
+                yield hf_name, tensor
 
     return Checkpoint(
         path=path, format="gguf", hf_config=hf_config,
