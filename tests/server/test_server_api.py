@@ -387,6 +387,9 @@ def test_stop_token_ids(server, client, refs):
     assert text.startswith(r.choices[0].text)
 
 
+EOS_FIRST = {"2": 100}  # <|im_end|>, the chat's end of turn, first choice at every step
+
+
 def test_vllm_sampling_extras_are_applied(client, refs):
     ref_text = refs.comp.choices[0].text
     yes = [{"role": "user", "content": "Is the sky blue? Answer yes or no."}]
@@ -406,14 +409,17 @@ def test_vllm_sampling_extras_are_applied(client, refs):
         lambda: comp(repetition_penalty=1.5),
         lambda: chat(CHAT, temperature=1.0, seed=11, max_tokens=6),
         lambda: chat(CHAT, temperature=1.0, seed=11, max_tokens=6),
-        lambda: chat(yes, temperature=0, max_tokens=8),
-        lambda: chat(yes, temperature=0, max_tokens=8, extra_body={"min_tokens": 8}))
+        lambda: chat(yes, temperature=0, max_tokens=8, logit_bias=EOS_FIRST),
+        lambda: chat(yes, temperature=0, max_tokens=8, logit_bias=EOS_FIRST,
+                     extra_body={"min_tokens": 8}))
     assert top_k.choices[0].text == ref_text  # top_k=1 is greedy whatever the temperature
     assert min_p.choices[0].text == ref_text  # so is min_p=1
     assert neutral.choices[0].text == ref_text
     assert rep.usage.completion_tokens == N_REF and rep.choices[0].text
     assert seed_a.choices[0].message.content == seed_b.choices[0].message.content
-    # Without min_tokens the model stops early on EOS; with min_tokens=8 it must not.
+    # EOS is made the likeliest token (so the test does not depend on what the model would
+    # say on this machine's build): without min_tokens the reply stops at once; with
+    # min_tokens=8 the EOS is banned until 8 tokens are out.
     assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 8, free
     assert forced.usage.completion_tokens == 8, forced
 
