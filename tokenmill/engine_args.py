@@ -41,10 +41,11 @@ class EngineArgs:
     load_format: str = _flag("auto", "dummy: random weights from config.json alone, for "
                                      "benchmarks", choices=("auto", "dummy"))
     quantization: str = _flag(
-        "auto", "auto: on CPU, GGUF Q4_0/Q4_1/Q8_0 matrices stay packed and C kernels "
-                "multiply them (activations rounded to 8 bits per block of 32, as llama.cpp "
-                "does); none: dequantize every weight to --dtype at load (float32 math, "
-                "matches transformers)", choices=("auto", "none"))
+        "auto", "auto: on CPU, GGUF matrices in Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, the K-quants "
+                "(Q2_K..Q6_K) and IQ4_NL/IQ4_XS stay packed and C kernels multiply them "
+                "(activations rounded to 8 bits per block of 32, as llama.cpp does); none: "
+                "dequantize every weight to --dtype at load (float32 math, matches "
+                "transformers)", choices=("auto", "none"))
     kv_cache_memory: str = _flag("2GiB", "size of the paged KV pool, e.g. 2GiB or 512MiB")
     kv_cache_dtype: str = _flag(
         "auto", "auto: float16 for a GGUF whose weights stay packed on CPU (llama.cpp's "
