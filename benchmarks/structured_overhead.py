@@ -22,7 +22,8 @@ import time
 import torch
 
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.request import Request
+from tokenmill.engine.model_runner import sampling_metadata
+from tokenmill.engine.sequence import Sequence
 from tokenmill.structured import StructuredOutputsParams
 
 TYPICAL = {"type": "object", "properties": {
@@ -79,9 +80,10 @@ def mask_cost(llm: LLM, batch_sizes: list[int], steps: int) -> None:
     for batch in batch_sizes:
         paths = outputs[:batch]
         n_steps = min(len(p) for p in paths)
-        reqs = [Request(f"b{i}", prompt, SamplingParams(temperature=0)) for i in range(batch)]
+        reqs = [Sequence(f"b{i}", prompt, SamplingParams(temperature=0)) for i in range(batch)]
         logits = torch.randn(batch, vocab)
-        plain_ms = median_ms(lambda reqs=reqs, logits=logits: sampler(logits, reqs), 20)
+        meta = sampling_metadata(reqs)
+        plain_ms = median_ms(lambda meta=meta, logits=logits: sampler(logits, meta), 20)
         for r in reqs:
             r.grammar = engine.structured.grammar_for(StructuredOutputsParams(json=TYPICAL))
             assert r.grammar.future.result() is not None and r.grammar.ready()
