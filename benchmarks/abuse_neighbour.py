@@ -1,8 +1,8 @@
 """Each abusive request of the hardening audit, next to an honest neighbour.
 
 Starts ``tokenmill serve`` (embedded model) on a free loopback port, measures a neighbour
-(an 8-token greedy completion, one after another) alone, then while each abusive case runs
-in a loop, and reports per case: the abusive request's status codes, the neighbour's p50
+(an 8-token greedy completion, one after another) alone, then while each abusive case is
+sent again and again (one at a time, ``--pause`` apart), and reports per case: the abusive request's status codes, the neighbour's p50
 and max latency against its latency alone, and the server's peak RSS. Not a test: run it
 on a quiet machine.
 
@@ -140,7 +140,8 @@ async def neighbour(c: httpx.AsyncClient, stop: asyncio.Event, out: list[float])
         out.append(time.perf_counter() - t)
 
 
-async def measure(base: str, pid: int, seconds: float, abuse=None) -> dict[str, Any]:
+async def measure(base: str, pid: int, seconds: float, abuse=None,
+                  pause: float = 0.2) -> dict[str, Any]:
     stop = asyncio.Event()
     lat: list[float] = []
     codes: Counter = Counter()
@@ -153,6 +154,7 @@ async def measure(base: str, pid: int, seconds: float, abuse=None) -> dict[str, 
                     codes[await abuse(c)] += 1
                 except httpx.HTTPError as e:
                     codes[type(e).__name__] += 1
+                await asyncio.sleep(pause)  # one abusive request after another, not a flood
 
     async def sample() -> None:
         while not stop.is_set():
@@ -190,7 +192,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         results: dict[str, Any] = {"alone": await measure(base, proc.pid, a.seconds)}
         print(f"alone: {results['alone']}", flush=True)
         for name, fn in cases(base).items():
-            results[name] = r = await measure(base, proc.pid, a.seconds, fn)
+            results[name] = r = await measure(base, proc.pid, a.seconds, fn, a.pause)
             ratio = r["p50_s"] / results["alone"]["p50_s"]
             print(f"{name}: neighbour p50 {r['p50_s'] * 1e3:.0f} ms ({ratio:.2f}x alone), "
                   f"max {r['max_s'] * 1e3:.0f} ms; abusive answers {r['codes']}; "
@@ -215,6 +217,9 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=12.0, help="per case")
     p.add_argument("--serve-arg", action="append", default=[],
                    help="extra flag for tokenmill serve (use --serve-arg=--flag)")
+    p.add_argument("--pause", type=float, default=0.2,
+                   help="seconds between two abusive requests (a flood is a rate-limit "
+                        "matter, not what one request costs its neighbours)")
     p.add_argument("--result-json", default=None)
     a = p.parse_args()
     results = asyncio.run(main_async(a))
