@@ -2,9 +2,9 @@
 
 Starts ``tokenmill serve`` (embedded model) on a free loopback port, measures a neighbour
 (an 8-token greedy completion, one after another) alone, then while each abusive case is
-sent again and again (one at a time, ``--pause`` apart), and reports per case: the abusive request's status codes, the neighbour's p50
-and max latency against its latency alone, and the server's peak RSS. Not a test: run it
-on a quiet machine.
+sent again and again (one at a time, ``--pause`` apart), and reports per case: the abusive
+request's status codes, the neighbour's p50 and max latency against its latency alone, and
+the server's peak RSS. Not a test: run it on a quiet machine.
 
     python benchmarks/abuse_neighbour.py --seconds 12 --result-json out.json
 """
