@@ -144,3 +144,47 @@ def test_special_tokens_in_content_only_when_allowed(tokenizer):
     assert allowed == as_before
     assert safe != as_before and safe.count(1) == as_before.count(1) - 1
     assert tokenizer.decode(safe, skip_special_tokens=False) == text
+
+
+class GrammarBudgetEngine(StandInEngine):
+    """Ends every request the way the engine ends one whose grammar went over its mask-time
+    budget: ``finish_reason`` "error", the manager's own reason in ``stop_reason``."""
+
+    async def generate(self, prompt_ids, params, request_id, *args, **kwargs):
+        from concurrent.futures import Future
+
+        from tokenmill.engine.async_engine import RequestFailedError
+        from tokenmill.outputs import CompletionOutput, RequestOutput
+        from tokenmill.structured.manager import MASK_STEP_BUDGET_S, RequestGrammar
+
+        grammar = RequestGrammar(Future(), backend=None)
+        grammar._charge(MASK_STEP_BUDGET_S * 3, "filling its token mask")
+        assert grammar.failure
+        await asyncio.sleep(0.01)  # accepted, then ended after a step
+        out = RequestOutput(request_id, None, list(prompt_ids), [CompletionOutput(
+            0, "", [], finish_reason="error", stop_reason=grammar.failure)], finished=True)
+        raise RequestFailedError(f"request {request_id} failed: {grammar.failure}", out)
+        yield
+
+
+def test_a_constraint_over_its_mask_budget_is_a_400_not_a_500(tokenizer):
+    from tokenmill.server.app import build_app
+
+    app = build_app(GrammarBudgetEngine(tokenizer), [SERVED])
+    body = {"model": SERVED, "prompt": "hi", "max_tokens": 4}
+
+    async def requests(client: httpx.AsyncClient):
+        plain = await client.post("/v1/completions", json=body)
+        streamed = await client.post("/v1/completions", json={**body, "stream": True})
+        return plain, streamed
+
+    plain, streamed = call(app, requests)
+    assert plain.status_code == 400, plain.text
+    err = plain.json()["error"]
+    assert err["code"] == "constraint_too_expensive", err
+    assert err["type"] == "invalid_request_error" and "too expensive" in err["message"], err
+    # a stream has sent its headers already: it ends with the same error as a frame
+    assert streamed.status_code == 200, streamed.text
+    frames = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert frames[-1] == "data: [DONE]", frames
+    assert '"constraint_too_expensive"' in frames[-2], frames

@@ -130,6 +130,10 @@ BAD = [
         {"type": "function", "function": {"name": "f", "parameters": BIG_SCHEMA}}]}, "tools"),
     ("/v1/chat/completions", {**CHAT, "tools": [
         {"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
+    # a regex whose every mask fill would take seconds: refused when parsed
+    ("/v1/completions", {**COMP, "guided_regex": "(.|..){0,300}"}, "guided_regex"),
+    ("/v1/chat/completions", {**CHAT, "structured_outputs": {"regex": "(.?){0,30}"}},
+     "structured_outputs"),
     # integers the engine's tensors cannot hold
     ("/v1/completions", {**COMP, "top_k": 2**63}, "top_k"),
     ("/v1/completions", {**COMP, "max_tokens": 2**31}, "max_tokens"),

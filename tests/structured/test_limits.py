@@ -59,7 +59,8 @@ def settle(m: StructuredOutputManager) -> None:
 
 
 @pytest.mark.parametrize("fields,match", [
-    ({"regex": "((ab|[^a]){0,30}){0,30}"}, "regex: nested repetitions multiply to 900"),
+    ({"regex": "((ab|[^a]){0,30}){0,30}"}, "regex: a group that can match broad"),
+    ({"regex": "((ab|c){0,30}){0,30}"}, "regex: nested repetitions multiply to 900"),
     ({"regex": "(a{0,1000}){0,1000}"}, "regex: nested repetitions"),
     ({"regex": "a{0,1000}{0,1000}"}, "regex: nested repetitions"),
     ({"regex": "a{0,1001}"}, "regex: a repetition bound of 1001"),
@@ -68,6 +69,18 @@ def settle(m: StructuredOutputManager) -> None:
     ({"json": {"type": "object", "patternProperties": {"(a{9}){99}": {}}}}, "json: nested"),
     ({"grammar": 'root ::= item{0,30}\nitem ::= ("ab" | [^a]){0,30}'}, "grammar: nested"),
     ({"grammar": 'root ::= "a"{0,5000}'}, "grammar: a repetition bound of 5000"),
+    # groups of broad characters repeated in copies (seconds per mask fill, measured)
+    ({"regex": "(.|..){0,300}"}, "regex: a group that can match broad characters only"),
+    ({"regex": "(.|..){0,4}"}, "repeated 4 times"),
+    ({"regex": "(.?){0,30}"}, "broad characters"),
+    ({"regex": r"(\w+\s?){0,50}"}, "broad characters"),
+    ({"regex": r"(\w+ ){0,50}"}, "broad characters"),  # BPE tokens start with a space
+    ({"regex": "([^a]|ab){0,30}"}, "broad characters"),
+    ({"regex": "(?:..){3}"}, "broad characters"),
+    ({"regex": "((.|..)){0,30}"}, "broad characters"),
+    ({"regex": "(x|(..)?){0,30}"}, "broad characters"),
+    ({"regex": "([a-z]|[a-z][a-z]){0,4}"}, "broad characters"),
+    ({"json": {"type": "string", "pattern": "^(.|..){0,50}$"}}, "json: a group"),
 ])
 def test_unbounded_repetitions_are_refused(fields, match):
     m = manager()
@@ -84,6 +97,16 @@ def test_unbounded_repetitions_are_refused(fields, match):
     {"json": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{4}$", "maxLength": 5000}},
     {"grammar": 'root ::= num " + " num\nnum ::= [1-9] [0-9]{0,3}'},
     {"grammar": 'root ::= "(" root{0,3} ")" | "x"'},  # recursion is not repetition
+    # groups with a narrow character in every repetition, or one atom: cheap (measured)
+    {"regex": "(a|bc){0,100}"},
+    {"regex": "(x?){0,100}"},
+    {"regex": "([a-z]+,){0,100}"},
+    {"regex": r"(\d\d){0,30}"},
+    {"regex": "(.){0,300}"},
+    {"regex": "(x(.)){0,30}"},
+    {"regex": "(.|..){0,2}"},
+    {"regex": "(.|..)*"},
+    {"json": {"type": "string", "maxLength": 1000}},
 ])
 def test_ordinary_constraints_pass(fields):
     m = manager()

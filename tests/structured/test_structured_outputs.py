@@ -78,7 +78,7 @@ def test_params_from_a_dict_and_shared_cache_key():
     ({"json": {"type": "object", "properties": {"a": {"minLength": "x"}}}},
      "properties/a/minLength"),
     ({"regex": "a(b"}, "invalid regex"),
-    ({"regex": "((ab|[^a]){0,30}){0,30}"}, "regex: nested repetitions"),
+    ({"regex": "((ab|[^a]){0,30}){0,30}"}, "regex: a group that can match broad"),
     ({"grammar": "root ::= foo"}, "invalid grammar.*foo"),
     ({"grammar": "root ::= "}, "invalid grammar"),
     ({"structural_tag": {"type": "structural_tag", "format": {"type": "nope"}}},

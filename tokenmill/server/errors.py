@@ -15,6 +15,7 @@ body not sent within the read time-out     408    invalid_request_error  request
 body larger than --max-request-body-bytes  413    invalid_request_error  request_too_large
 Content-Type other than application/json   415    invalid_request_error  unsupported_media_type
 request queue full, or shutting down       429    rate_limit_exceeded    rate_limit_exceeded
+its constraint cost too much at run time   400    invalid_request_error  constraint_too_expensive
 more than --max-connections open           503    server_error           too_many_connections
 the engine failed on this request alone    500    server_error           None
 engine loop crashed, unexpected bug        500    server_error           None
@@ -189,6 +190,11 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(429, f"The server is busy: {exc}.", type="rate_limit_exceeded",
                         code="rate_limit_exceeded")
+    if isinstance(exc, RequestFailedError) and (why := _too_expensive(exc)):
+        return APIError(400, f"The request's constraint (structured output or tools) was "
+                             f"too expensive to follow and the request was ended: {why}. "
+                             "Simplify the schema, regex or grammar.",
+                        code="constraint_too_expensive")
     if isinstance(exc, RequestFailedError):  # the engine logged why, with the request id
         return APIError(500, "The engine failed on this request and ended it (other "
                              "requests are not affected); it has been logged.",
@@ -206,6 +212,22 @@ def to_api_error(exc: BaseException) -> APIError:
     # the exception itself is logged by whoever catches it (uvicorn, or the stream)
     return APIError(500, "The server had an error while processing your request; it has "
                          "been logged.", type="server_error")
+
+
+# How the engine words a failure that the request's own constraint caused by its cost
+# (``structured.manager``: the per-step and per-life mask budgets, the compile time-outs).
+_TOO_EXPENSIVE = ("the grammar is too expensive", "grammar compilation failed: compiling took",
+                  "grammar compilation failed: no compiled grammar after")
+
+
+def _too_expensive(exc: RequestFailedError) -> str | None:
+    """The engine's reason if the request failed because its constraint cost too much."""
+    out = exc.output
+    for o in out.outputs if out is not None else ():
+        if o.finish_reason == "error" and isinstance(o.stop_reason, str) and (
+                o.stop_reason.startswith(_TOO_EXPENSIVE)):
+            return o.stop_reason
+    return None
 
 
 def install_exception_handlers(app: FastAPI) -> None:

@@ -11,9 +11,26 @@ xgrammar 0.2.9 on SmolLM2's 49k vocabulary); ``(a{0,1000}){0,1000}`` about 10 s.
 
 Checked in regexes, in the ``pattern``s of a JSON schema or structural tag, and in EBNF
 grammars (through rule references too). Sizes (text length, enum and choice counts, depth)
-are checked earlier, by ``StructuredOutputsParams``. What these rules cannot see (an
-ambiguous single repetition like ``(.|..){0,300}`` also takes seconds per mask) is caught
-at run time by the per-step mask budget (``manager.MASK_STEP_BUDGET_S``).
+are checked earlier, by ``StructuredOutputsParams``.
+
+A third rule, for regexes (and schema patterns): no group repeated more than
+``MAX_BROAD_GROUP_REPEAT`` times whose body can match a string of broad atoms only (``.``,
+a negated class, a class or escape of more than ``BROAD_CLASS_CHARS`` characters or with
+whitespace in it, whitespace itself). xgrammar expands such a group into copies, and since
+nearly every token of a vocabulary is made of broad characters (most BPE tokens start with
+a space), nearly every token can run across the end of one copy into the next: each mask
+fill walks the whole vocabulary through every reachable copy. Measured with xgrammar 0.2.9
+on SmolLM2's 49k vocabulary, the costliest of the first four mask fills, one process:
+``(.|..){0,N}`` 12 ms at N=2, 112 ms at 4, 560 ms at 10, 2.3 s at 300; ``(.?){0,30}`` 2.6 s;
+``(\w+\s?){0,50}`` 1.6 s; ``([^a]|ab){0,30}`` 62 ms; ``(..){0,30}`` 50 ms; ``(\w+ ){0,50}``
+50 ms, against an ~18 ms decode step. Groups whose every match holds a narrow, non-space
+character stay cheap (< 1 ms: ``(a|bc){0,100}``, ``(x?){0,100}``, ``([a-z]+,){0,100}``,
+``(\d\d){0,30}``), as do repetitions of one atom (``[a-z]{0,1000}``, ``(\w){0,30}``: xgrammar
+repeats a character class without copies of a rule). The rule refuses a few cheap patterns
+too (``(\w+){0,30}``, ``([A-Za-z0-9]{4}){0,30}``: 12 ms); ``\w*`` and ``[\w ]{0,300}``
+say the same things cheaply. JSON-schema ``maxLength`` strings are not
+regexes and are not affected. What the rules cannot see is caught at run time by the
+per-step mask budget (``manager.MASK_STEP_BUDGET_S``).
 """
 
 from __future__ import annotations
@@ -25,6 +42,8 @@ from tokenmill.sampling_params import StructuredOutputsParams
 
 MAX_REPEAT = 1000        # the largest bound of one repetition
 MAX_NESTED_REPEAT = 100  # the largest product of the bounds of nested repetitions
+MAX_BROAD_GROUP_REPEAT = 2  # copies of a group that can match broad characters only
+BROAD_CLASS_CHARS = 16      # a character class with more characters than this is broad
 
 _BOUNDS = re.compile(r"\{\s*(\d*)\s*(,\s*(\d*)\s*)?\}")
 _RULE_HEAD = re.compile(r"(?m)^[ \t]*([A-Za-z_][\w.\-]*)[ \t]*::=")
@@ -95,9 +114,68 @@ def _patterns(value: Any) -> list[str]:
     return found
 
 
+class _Group:
+    """What the scanner keeps about one open group (and the alternative being read)."""
+
+    __slots__ = ("most", "last", "last_group", "last_narrow", "broad", "skippable", "blocked",
+                 "has_broad", "alternatives", "atoms", "quantified", "simple")
+
+    def __init__(self) -> None:
+        self.most = 1            # the largest product of nested repetition bounds inside
+        self.last = 0            # the last atom's product (0: none, nothing to repeat)
+        self.last_group: tuple[bool, bool] | None = None  # last atom a group: (broad, single)
+        self.last_narrow = False  # the last atom is a narrow one, counted in ``blocked``
+        self.broad = False       # some finished alternative matches broad characters only
+        self.skippable = False   # some finished alternative needs no narrow character
+        self.blocked = 0         # required narrow atoms in the current alternative
+        self.has_broad = False   # a broad atom in the current alternative
+        self.alternatives = 1
+        self.atoms = 0
+        self.quantified = False
+        self.simple = True       # the last atom is no group, or a single-atom one
+
+    def atom(self, product: int, kind: str, group: tuple[bool, bool] | None = None) -> None:
+        """kind: "broad", "narrow" or "" (neither: an anchor, an EBNF string or rule)."""
+        self.last = product
+        self.most = max(self.most, product)
+        self.last_group = group
+        self.last_narrow = kind == "narrow"
+        self.blocked += self.last_narrow
+        self.has_broad |= kind == "broad"
+        self.atoms += 1
+        self.simple = group is None or group[1]
+
+    def optional(self) -> None:
+        """The last atom may match nothing (``?``, ``*``, ``{0,n}``)."""
+        if self.last_narrow:
+            self.blocked -= 1
+            self.last_narrow = False
+
+    def end_alternative(self) -> None:
+        self.broad |= self.has_broad and not self.blocked
+        self.skippable |= not self.blocked
+        self.blocked, self.has_broad = 0, False
+
+    def as_atom(self) -> tuple[bool, bool]:
+        """(broad, single) of this group once closed: whether it can match broad characters
+        only, and whether it is a single unquantified atom (``(.)`` is just ``.``)."""
+        self.end_alternative()
+        single = (self.alternatives == 1 and self.atoms == 1 and not self.quantified
+                  and self.simple)
+        return self.broad, single
+
+    def kind(self) -> str:
+        """This closed group as an atom of its parent."""
+        return "broad" if self.broad else "" if self.skippable else "narrow"
+
+
+_BROAD_ESCAPES = frozenset("wWsSDpPntrfv")
+
+
 class _Scanner:
     """Walks regex / EBNF text keeping, per group, the largest product of nested
-    repetition bounds inside it (1 if none); refuses bounds over the limits."""
+    repetition bounds inside it (1 if none), and in regexes whether a group can match
+    broad characters only; refuses what is over the limits."""
 
     def __init__(self, text: str, field: str, ebnf: bool) -> None:
         self.text = text
@@ -118,19 +196,25 @@ class _Scanner:
     def scan(self, start: int, end: int) -> int:
         """The largest product of nested repetition bounds in ``text[start:end]``."""
         text = self.text
-        stack: list[list[int]] = []  # per open group: [max product inside, last atom]
-        top = [1, 0]                 # last atom 0: none (a quantifier has nothing to repeat)
+        regex = not self.ebnf
+        stack: list[_Group] = []
+        top = _Group()
         i = start
         while i < end:
             c = text[i]
-            atom = 1
+            product, kind, group = 1, "narrow" if regex else "", None
             if c == "\\":
+                if i + 1 < end and text[i + 1] in _BROAD_ESCAPES:
+                    kind = "broad" if regex else ""
                 i += 2
                 if i - 1 < end and text[i - 1] in "pPuxk" and i < end and text[i] == "{":
                     close = text.find("}", i, end)
                     i = end if close == -1 else close + 1
             elif c == "[":
-                i = self._class_end(i + 1, end)
+                close = self._class_end(i + 1, end)
+                if regex and self._broad_class(i + 1, close - 1):
+                    kind = "broad"
+                i = close
             elif self.ebnf and c in "\"'":
                 i = self._string_end(i + 1, end, c)
             elif self.ebnf and c == "#":
@@ -138,29 +222,32 @@ class _Scanner:
                 i = end if newline == -1 else newline + 1
                 continue
             elif self.ebnf and (m := _IDENT.match(text, i, end)):
-                atom = self.rule_product(m.group(0))
+                product = self.rule_product(m.group(0))
                 i = m.end()
             elif c == "(":
                 stack.append(top)
-                top = [1, 0]
+                top = _Group()
                 i += 1
-                if not self.ebnf and i < end and text[i] == "?":  # (?:  (?=  (?<name>
+                if regex and i < end and text[i] == "?":  # (?:  (?=  (?<name>
                     while i < end and text[i] not in ":=!>)":
                         i += 1
                     i += 1
                 continue
             elif c == ")":
-                inner = top[0]
-                top = stack.pop() if stack else [1, 0]
-                top[0] = max(top[0], inner)
-                top[1] = inner
+                inner, group = top, top.as_atom()
+                top = stack.pop() if stack else _Group()
+                top.atom(inner.most, inner.kind(), group)
                 i += 1
                 continue
             elif c == "|":
-                top[1] = 0
+                top.end_alternative()
+                top.alternatives += 1
                 i += 1
                 continue
             elif c in "*+?":
+                if c != "+":
+                    top.optional()
+                top.quantified = True
                 i += 1
                 continue  # unbounded or optional: a loop, not copies
             elif c == "{" and (m := _BOUNDS.match(text, i, end)) and (m.group(1) or m.group(3)):
@@ -168,31 +255,69 @@ class _Scanner:
                 low = self._bound(m.group(1) or "0")
                 high = low if m.group(2) is None else (
                     self._bound(m.group(3)) if m.group(3) else low)
+                if low == 0:
+                    top.optional()
+                top.quantified = True
                 self._repeat(top, max(low, high, 1))
                 continue
             else:
                 i += 1
-            top[1] = atom
-            top[0] = max(top[0], atom)
+                if regex and (c == "." or c.isspace()):
+                    kind = "broad"
+                elif regex and c in "^$":
+                    kind = ""
+            top.atom(product, kind, group)
         while stack:  # unbalanced: the parser reports it; count what was seen
-            inner = top[0]
+            inner = top
             top = stack.pop()
-            top[0] = max(top[0], inner)
-        return top[0]
+            top.most = max(top.most, inner.most)
+        return top.most
 
-    def _repeat(self, top: list[int], bound: int) -> None:
+    def _repeat(self, top: _Group, bound: int) -> None:
         if bound > MAX_REPEAT:
             raise self._refuse(f"a repetition bound of {bound} is above the limit of "
                                f"{MAX_REPEAT}")
-        inner = top[1]
+        if (bound > MAX_BROAD_GROUP_REPEAT and top.last_group is not None
+                and top.last_group[0] and not top.last_group[1]):
+            raise self._refuse(
+                f"a group that can match broad characters only (any character, a large or "
+                f"negated class, whitespace) is repeated {bound} times (limit "
+                f"{MAX_BROAD_GROUP_REPEAT}); repeat a character class instead, or put a "
+                "narrow character in every repetition")
+        inner = top.last
         if inner == 0:
             return
         product = inner * bound
         if inner > 1 and product > MAX_NESTED_REPEAT:
             raise self._refuse(f"nested repetitions multiply to {product} copies (limit "
                                f"{MAX_NESTED_REPEAT})")
-        top[1] = product
-        top[0] = max(top[0], product)
+        top.last = product
+        top.most = max(top.most, product)
+
+    def _broad_class(self, i: int, end: int) -> bool:
+        """Whether the class ``[text[i:end]]`` is broad (see the module doc)."""
+        text = self.text
+        if i < end and text[i] == "^":
+            return True
+        count = 0
+        while i < end:
+            c = text[i]
+            if c == "\\" and i + 1 < end:
+                e = text[i + 1]
+                if e in _BROAD_ESCAPES:
+                    return True
+                count += 10 if e == "d" else 1
+                i += 2
+                continue
+            if c.isspace():
+                return True
+            if i + 2 < end and text[i + 1] == "-" and text[i + 2] != "\\":
+                count += max(1, ord(text[i + 2]) - ord(c) + 1)
+                i += 3
+            else:
+                count += 1
+                i += 1
+        return count > BROAD_CLASS_CHARS
 
     def _class_end(self, i: int, end: int) -> int:
         text = self.text
