@@ -6,6 +6,7 @@
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models[/{id}]
     GET  /health                GET  /version                 GET /metrics
     POST /tokenize              POST /detokenize
+    GET  /                      the chat page (``web_ui``; no key needed, it holds no data)
 
 The lifespan starts the engine thread when the server starts and, on shutdown (after
 uvicorn has stopped accepting connections and let the open ones finish), stops it with
@@ -55,8 +56,9 @@ from tokenmill.server.protocol import (
 from tokenmill.server.serving_chat import ChatHandler, chat_prompt_ids
 from tokenmill.server.serving_completions import CompletionHandler
 from tokenmill.server.serving_context import ServingContext, json_response
+from tokenmill.server.web_ui import PUBLIC_PATHS, add_web_ui
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health"}) | PUBLIC_PATHS
 
 # What /openapi.json says each operation can answer besides 200 (FastAPI's 422 is never
 # sent: validation errors are 400s in OpenAI's shape).
@@ -109,7 +111,7 @@ def _declare_openai_errors(app: FastAPI, api_key: bool) -> None:
 
 
 class APIKeyMiddleware:
-    """Requires ``Authorization: Bearer KEY`` on every HTTP route but /health.
+    """Requires ``Authorization: Bearer KEY`` on every HTTP route but /health and the page.
 
     Plain ASGI (not BaseHTTPMiddleware), so streaming responses and client-disconnect
     detection pass through untouched."""
@@ -233,5 +235,6 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
         text = await ctx.off_loop(ctx.tokenizer.decode, body.tokens, False)
         return json_response(DetokenizeResponse(prompt=text))
 
+    add_web_ui(app)
     _declare_openai_errors(app, bool(api_key))
     return app
