@@ -31,9 +31,10 @@ and, once the server is idle after the run, ``num_requests_running``,
 blocks) and /health.
 
 RSS is not a leak detector on its own: the KV cache is allocated up front but its pages
-count only once first written, so RSS climbs until every block has been used once (a
-minute of traffic on the default 512 MiB is not enough); a leak is growth that goes on
-after that, in a run of many minutes.
+count only once first written, so RSS climbs until every block has been used once. The
+warm-up therefore also sends distinct long prompts until every block has been used
+(``fill_kv_pool``; ``--no-fill-kv`` skips it), and "start" RSS is taken after it: growth
+beyond that is a leak.
 
 Neighbour mode (``--neighbour KIND``): one neighbour sends small chat requests (4 tokens,
 greedy) one after another for half of ``--minutes`` alone, then for the other half while
@@ -64,7 +65,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.server.fixture import Server, load, start_server  # noqa: E402
+from tests.server.fixture import Server, load, sample, scrape, start_server  # noqa: E402
 from tests.server.test_fuzz import hostile_bodies, problem_of  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -488,6 +489,28 @@ async def warm_up(cfg: Cfg) -> list[Outcome]:
                           "tools")]
 
 
+def fill_kv_pool(server: Server, cfg: Cfg, deadline_s: float = 600.0) -> float | None:
+    """Sends distinct long prompts (1 output token each) until every KV block has been
+    used once (``tokenmill:kv_cache_touched_perc`` >= 0.99) or the deadline passes;
+    returns the last fraction seen. The pool's pages are resident from then on (the
+    prefix cache keeps the blocks), so RSS measured after this is the server's working
+    size and growth beyond it is a leak."""
+    rng = random.Random(54321)
+    t0 = time.monotonic()
+    touched = None
+    with httpx.Client(headers=server.headers, timeout=cfg.timeout) as client:
+        while time.monotonic() - t0 < deadline_s:
+            touched = sample(scrape(server), "tokenmill:kv_cache_touched_perc")
+            if touched is None or touched >= 0.99:
+                break
+            print(f"warm-up: {touched:.0%} of the KV blocks used once", flush=True)
+            # ~1.5 tokens a word: stay under max_model_len
+            n_words = max(16, int(cfg.max_model_len / 1.5) - 16)
+            client.post(cfg.base_url + "/v1/completions", json={
+                "prompt": words(rng, n_words, n_words), "max_tokens": 1})
+    return touched
+
+
 def wait_idle(server: Server, timeout: float) -> tuple[tuple, float]:
     t0 = time.monotonic()
     state: tuple = (None, None, None)
@@ -567,6 +590,8 @@ def main() -> int:
                    help="its process, for RSS (default: whoever listens on its port)")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--kv-cache-memory", default="512MiB")
+    p.add_argument("--no-fill-kv", action="store_true",
+                   help="skip the warm-up that uses every KV block once (see fill_kv_pool)")
     p.add_argument("--serve-arg", action="append", default=[],
                    help="extra flag for tokenmill serve (repeat; use --serve-arg=--flag)")
     p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
@@ -603,6 +628,8 @@ def main() -> int:
     try:
         warm = asyncio.run(warm_up(cfg))
         result["warm_up_problems"] = [asdict(o) for o in warm if o.problem]
+        if not args.no_fill_kv:
+            result["kv_touched_after_warm_up"] = fill_kv_pool(server, cfg)
         seconds = 60 * args.minutes
 
         async def measured() -> None:
@@ -697,6 +724,7 @@ def report_text(r: dict[str, Any]) -> str:
                      f"({b['ok']}/{b['n']} ok); p50 {ratio}")
     if "rss_kib" in r:
         rs = r["rss_kib"]
+        lines.append(f"KV blocks used once after warm-up: {r.get('kv_touched_after_warm_up')}")
         lines.append(f"server RSS: start {mib(rs['start'])}, peak {mib(rs['peak'])}, "
                      f"end {mib(rs['end'])}")
     if "after" in r:

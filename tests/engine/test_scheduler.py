@@ -63,6 +63,20 @@ def test_block_pool_refcounts():
     assert pool.num_free_blocks == 4
 
 
+def test_block_pool_counts_blocks_ever_used():
+    """The resident share of a lazily mapped pool: blocks handed out at least once."""
+    pool = BlockPool(6)
+    assert pool.num_touched_blocks == 0
+    a = pool.allocate(2)
+    pool.free(a)
+    assert pool.num_touched_blocks == 2
+    b = pool.allocate(5)  # never-used blocks first (the prefix cache keeps the freed ones)
+    assert pool.num_touched_blocks == 6 and a[0] in b
+    pool.free(b)
+    pool.allocate(6)
+    assert pool.num_touched_blocks == 6
+
+
 def test_chunked_prefill_mixes_with_decodes():
     kv = BlockManager(64, 16)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=10), kv, 512)

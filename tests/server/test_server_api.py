@@ -640,7 +640,8 @@ def test_non_streaming_client_timeout_aborts_the_request(server):
 
 # ----------------------------------------------------------------------------- metrics
 
-GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"]
+GAUGES = ["num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+          "kv_cache_touched_perc"]
 COUNTERS = ["prompt_tokens", "generation_tokens", "request_success", "num_preemptions"]
 HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds",
               "e2e_request_latency_seconds", "request_queue_time_seconds"]
@@ -671,6 +672,7 @@ def test_metrics_names_and_counters(server, client):
         fam = after.get(f"tokenmill:{name}")
         assert fam is not None and fam.type == "histogram", f"tokenmill:{name}: {fam}"
     assert 0 <= sample(after, "tokenmill:kv_cache_usage_perc") <= 1
+    assert 0 < sample(after, "tokenmill:kv_cache_touched_perc") <= 1  # a request ran
 
     def delta(name: str, **labels) -> float:
         return (sample(after, name, **labels) or 0) - (sample(before, name, **labels) or 0)

@@ -80,6 +80,7 @@ class EngineStats:
     num_preemptions: int     # since start
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0     # of which found cached
+    kv_cache_touched: float = 0.0  # fraction of KV blocks ever used (resident pages)
 
 
 _STOP = object()
@@ -230,7 +231,8 @@ class AsyncEngine:
                            kv_cache_usage=self.engine.block_manager.usage,
                            num_preemptions=sched.num_preemptions,
                            prefix_cache_queries=self.engine.block_manager.num_queried_tokens,
-                           prefix_cache_hits=self.engine.block_manager.num_hit_tokens)
+                           prefix_cache_hits=self.engine.block_manager.num_hit_tokens,
+                           kv_cache_touched=self.engine.block_manager.touched)
 
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,

@@ -38,6 +38,10 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._on_reuse = on_reuse  # told when a free (maybe cached) block is handed out
+        # blocks handed out at least once: on CPU the pool's pages become resident only
+        # when first written, so this is the share of the pool that RSS holds
+        self._ever_used = bytearray(num_blocks)
+        self.num_touched_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -53,6 +57,9 @@ class BlockPool:
             b, _ = self._free.popitem(last=False)
             if self._on_reuse is not None:
                 self._on_reuse(b)
+            if not self._ever_used[b]:
+                self._ever_used[b] = 1
+                self.num_touched_blocks += 1
             self.ref_counts[b] = 1
             blocks.append(b)
         return blocks
@@ -131,6 +138,12 @@ class BlockManager:
     def usage(self) -> float:
         """Fraction of blocks in use, in [0, 1]."""
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    @property
+    def touched(self) -> float:
+        """Fraction of blocks ever handed out, in [0, 1]: the resident share of a lazily
+        mapped pool (it only grows; a full prefix cache brings it to 1)."""
+        return self.pool.num_touched_blocks / self.pool.num_blocks
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -55,6 +55,9 @@ class _EngineStateCollector(Collector):
              s.num_queued),
             ("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).",
              s.kv_cache_usage),
+            ("kv_cache_touched_perc", "Fraction of KV cache blocks ever used: on CPU the "
+             "pool's pages are resident once written, so this is its share of RSS.",
+             s.kv_cache_touched),
         ):
             g = GaugeMetricFamily(f"tokenmill:{name}", doc, labels=LABELS)
             g.add_metric([self.model_name], value)
