@@ -74,7 +74,7 @@ $("key-form").addEventListener("submit", (ev) => {
 });
 $("forget-key").addEventListener("click", () => localStorage.removeItem(KEYS.apiKey));
 
-// fetch with the key; a 401 asks for a (new) key and tries again
+// fetch with the key; a 401 asks for a (new) key and tries again (Stop ends the wait)
 async function api(path, init = {}) {
   for (;;) {
     const key = localStorage.getItem(KEYS.apiKey);
@@ -82,7 +82,11 @@ async function api(path, init = {}) {
     if (key) headers.Authorization = `Bearer ${key}`;
     const res = await fetch(path, { ...init, headers });
     if (res.status !== 401) return res;
-    await askForKey(Boolean(key));
+    const signal = init.signal;
+    await Promise.race([askForKey(Boolean(key)), new Promise((_, reject) => {
+      const stop = () => reject(new DOMException("stopped", "AbortError"));
+      if (signal?.aborted) stop(); else signal?.addEventListener("abort", stop);
+    })]);
   }
 }
 
@@ -267,10 +271,11 @@ async function send() {
   saveConversations();
   renderList();
   renderMessages();
-  const el = $("messages").lastElementChild;
+  let el = $("messages").lastElementChild;
   const show = () => {
     if (currentId !== conv.id) return;
     const box = $("messages");
+    if (!el.isConnected) el = box.lastElementChild;  // switched away and back: re-rendered
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
     fillMessage(el, reply);
     if (atBottom) box.scrollTop = box.scrollHeight;
