@@ -34,13 +34,15 @@ def parse_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
 
 def parse_kv_cache_dtype(name: str, model: str, model_dtype: torch.dtype, device: str,
                          quantization: str) -> torch.dtype:
-    """"auto": float16 for a GGUF checkpoint whose weights stay packed on the CPU (what
+    """"auto": float16 where the weights stay packed on the CPU: a GGUF checkpoint (what
     llama.cpp, where such files come from, keeps its cache in; the CPU attention kernel
-    then fetches half the bytes), else the model's dtype. "float16" and "float32" are
-    for the CPU."""
+    then fetches half the bytes) or a float checkpoint quantized at load
+    (``--quantization q8_0|q4_0|q4_k``); else the model's dtype. "float16" and "float32"
+    are for the CPU."""
     if name == "auto":
-        if (device == "cpu" and quantization == "auto" and model.endswith(".gguf")
-                and model_dtype == torch.float32):
+        packed = ((quantization == "auto" and model.endswith(".gguf"))
+                  or quantization in QUANTIZE_AT_LOAD)
+        if device == "cpu" and packed and model_dtype == torch.float32:
             from tokenmill.kernels.cpu import kernels
 
             if kernels() is not None:  # else the weights are dequantized at load
@@ -52,6 +54,40 @@ def parse_kv_cache_dtype(name: str, model: str, model_dtype: torch.dtype, device
         raise ValueError("kv_cache_dtype float16/float32 is for the CPU; on a GPU the cache "
                          "keeps the model's dtype (use auto).")
     return _DTYPES[name]
+
+
+# --quantization values that quantize a float (Hugging Face) checkpoint at load
+QUANTIZE_AT_LOAD = ("q8_0", "q4_0", "q4_k")
+QUANTIZATIONS = ("auto", "none", *QUANTIZE_AT_LOAD)
+
+
+def check_quantization(quantization: str, model: str, device: str, load_format: str) -> None:
+    """Refuses a --quantization that does not apply, saying what to do instead."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got "
+                         f"{quantization!r}.")
+    if quantization not in QUANTIZE_AT_LOAD:
+        return
+    flag = f"--quantization {quantization}"
+    if model.lower().endswith(".gguf"):
+        raise ValueError(
+            f"{flag} quantizes a Hugging Face safetensors folder at load; {model} is a GGUF "
+            "file, already quantized: use --quantization auto (its quantized matrices run "
+            "packed as stored) or none (dequantized to float), or requantize it with "
+            "llama.cpp's llama-quantize.")
+    if device != "cpu":
+        raise ValueError(f"{flag} makes weights for the CPU kernels; on {device} use "
+                         "--quantization auto.")
+    if load_format == "dummy":
+        raise ValueError(f"{flag} quantizes weights read from the checkpoint; "
+                         "--load-format dummy has none (drop one of the two).")
+
+
+def parse_kv_cache_memory(text: str | int) -> int | None:
+    """"auto" -> None (the engine sizes the pool from free memory), else bytes."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return None
+    return parse_size(text)
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
@@ -155,15 +191,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
+    """The paged KV pool. ``kv_cache_memory`` None ("auto") sizes it from the memory
+    left once the model is loaded (``tokenmill.engine.kv_pool_sizing``)."""
+
     block_size: int = 16
-    kv_cache_memory: int = 2 * 1024**3
+    kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     dtype: torch.dtype | None = None  # of the K/V entries; None: the model's dtype
+    # the auto size never goes past what max_num_seqs requests of max_model_len tokens
+    # (the model's context when None) can use; the scheduler's flags, copied here
+    max_num_seqs: int = 128
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}.")
-        if self.kv_cache_memory <= 0:
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}.")
 
 
@@ -203,8 +246,9 @@ class EngineConfig:
     load_format: str
     seed: int
     skip_tokenizer_init: bool = False
-    # "auto": GGUF matrices in Q4_0/Q4_1/Q8_0 stay packed on CPU (C kernels multiply them);
-    # "none": every weight is dequantized to ``dtype`` at load
+    # "auto": GGUF matrices in the types the CPU kernels read stay packed (C kernels
+    # multiply them); "none": every weight is dequantized to ``dtype`` at load;
+    # "q8_0" | "q4_0" | "q4_k": a float checkpoint's linear weights are quantized at load
     quantization: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -223,12 +267,10 @@ class EngineConfig:
         if args.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got "
                              f"{args.load_format!r}.")
-        if args.quantization not in ("auto", "none"):
-            raise ValueError(f"quantization must be 'auto' or 'none', got "
-                             f"{args.quantization!r}.")
         device = args.device
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}.")
+        check_quantization(args.quantization, args.model, device, args.load_format)
         model_dtype = parse_dtype(args.dtype, device)
         return cls(
             model=args.model,
@@ -240,10 +282,12 @@ class EngineConfig:
             skip_tokenizer_init=args.skip_tokenizer_init,
             quantization=args.quantization,
             cache=CacheConfig(
-                block_size=args.block_size, kv_cache_memory=parse_size(args.kv_cache_memory),
+                block_size=args.block_size,
+                kv_cache_memory=parse_kv_cache_memory(args.kv_cache_memory),
                 enable_prefix_caching=args.enable_prefix_caching,
                 dtype=parse_kv_cache_dtype(args.kv_cache_dtype, args.model, model_dtype,
-                                           device, args.quantization)),
+                                           device, args.quantization),
+                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs,

@@ -45,11 +45,20 @@ class EngineArgs:
                 "(Q2_K..Q6_K) and IQ4_NL/IQ4_XS stay packed and C kernels multiply them "
                 "(activations rounded to 8 bits per block of 32, as llama.cpp does); none: "
                 "dequantize every weight to --dtype at load (float32 math, matches "
-                "transformers)", choices=("auto", "none"))
-    kv_cache_memory: str = _flag("2GiB", "size of the paged KV pool, e.g. 2GiB or 512MiB")
+                "transformers); q8_0, q4_0, q4_k: quantize a Hugging Face folder's linear "
+                "weights at load (q4_k: Q5_0 for rows not whole blocks of 256; the output "
+                "head, or an embedding table tied to it, Q8_0; other embeddings and norms "
+                "stay float) and run them on those kernels",
+        choices=("auto", "none", "q8_0", "q4_0", "q4_k"))
+    kv_cache_memory: str = _flag(
+        "auto", "size of the paged KV pool, e.g. 2GiB or 512MiB; auto: half the memory "
+                "available once the model is loaded (less a GGUF file's mapped weights; "
+                "on a GPU 80% of the free memory), at most what --max-num-seqs requests "
+                "of full length use; the start-up line says how many fit")
     kv_cache_dtype: str = _flag(
-        "auto", "auto: float16 for a GGUF whose weights stay packed on CPU (llama.cpp's "
-                "cache type), else the model dtype; float16 / float32 (CPU)",
+        "auto", "auto: float16 where the weights stay packed on CPU (a GGUF, as llama.cpp "
+                "caches, or --quantization q8_0/q4_0/q4_k), else the model dtype; float16 / "
+                "float32 (CPU)",
         choices=("auto", "float16", "float32"))
     block_size: int = _flag(16, "tokens per KV block")
     max_model_len: int | None = _flag(None, "longest prompt + output",

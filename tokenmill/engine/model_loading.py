@@ -1,4 +1,8 @@
-"""Builds the model from a checkpoint (HF folder or GGUF) or with random weights."""
+"""Builds the model from a checkpoint (HF folder or GGUF) or with random weights.
+
+With ``--quantization q8_0|q4_0|q4_k`` a Hugging Face folder's float weights are
+quantized as they are read (``tokenmill.loader.quantize_at_load``) and stay packed
+like a GGUF file's; GGUF files keep their own types (the flag is refused for them)."""
 
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tokenmill.config import EngineConfig, ModelConfig
+from tokenmill.config import QUANTIZE_AT_LOAD, EngineConfig, ModelConfig
 from tokenmill.layers.attention import AttentionBackend
 from tokenmill.layers.quantization import QTYPE_NAMES, packable
 from tokenmill.loader import open_checkpoint
+from tokenmill.loader.quantize_at_load import SCHEMES, QuantizeAtLoad
 from tokenmill.models import build_model
 
 logger = logging.getLogger("tokenmill")
@@ -53,6 +58,21 @@ def weight_summary(model: nn.Module) -> str:
     return f"{total / 2**20:.1f} MiB ({parts})"
 
 
+def _quantized(tensors, config: EngineConfig, ckpt_format: str, model_cfg: ModelConfig):
+    """The checkpoint's tensors with its linear weights quantized (``QuantizeAtLoad``)."""
+    if ckpt_format != "hf":
+        raise ValueError(f"--quantization {config.quantization} quantizes a Hugging Face "
+                         f"safetensors folder at load; {config.model} is a "
+                         f"{ckpt_format.upper()} checkpoint, already quantized: use "
+                         "--quantization auto or none.")
+    if not packable(SCHEMES[config.quantization]):
+        logger.warning("--quantization %s: the CPU kernels are not built here (no C "
+                       "compiler, or TOKENMILL_NO_KERNELS), so weights stay float.",
+                       config.quantization)
+        return tensors
+    return QuantizeAtLoad(config.quantization, model_cfg.tie_word_embeddings).apply(tensors)
+
+
 def load_model(config: EngineConfig, backend: AttentionBackend,
                show_progress: bool = True) -> tuple[nn.Module, ModelConfig]:
     start = time.perf_counter()
@@ -77,8 +97,12 @@ def load_model(config: EngineConfig, backend: AttentionBackend,
     else:
         keep_packed = packable if (config.quantization == "auto"
                                    and config.device == "cpu") else None
-        tensors = tqdm(ckpt.tensors(keep_packed), total=len(ckpt.tensor_names),
-                       desc="Loading weights",
+        tensors = ckpt.tensors(keep_packed)
+        if config.quantization in QUANTIZE_AT_LOAD:
+            tensors = _quantized(tensors, config, ckpt.format, model_cfg)
+        tensors = tqdm(tensors, total=len(ckpt.tensor_names),
+                       desc="Loading weights" if config.quantization not in QUANTIZE_AT_LOAD
+                       else f"Loading and quantizing weights to {config.quantization}",
                        unit="tensor", disable=not show_progress, leave=False)
         loaded = model.load_weights(tensors)
         missing = model.required_parameters() - loaded

@@ -11,6 +11,7 @@ samples at most one token.
 
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.config import CacheConfig, ModelConfig
+from tokenmill.engine.kv_pool_sizing import KVPoolSize, size_kv_pool
 from tokenmill.engine.sampler import (
     Sampler,
     SamplerOutput,
@@ -29,6 +31,8 @@ from tokenmill.engine.scheduler_output import SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import AttentionMetadata, PrefillSegment
 from tokenmill.outputs import PositionLogprobs
+
+logger = logging.getLogger("tokenmill")
 
 
 @dataclass
@@ -98,9 +102,10 @@ class KVCache:
 class ModelRunner:
     """Owns the device side of the engine: the model, the KV tensors and the sampler.
 
-    It sizes the KV pool from ``cache.kv_cache_memory`` (``num_blocks``, which the
-    engine's block manager then hands out), turns each ``SchedulerOutput`` into a
-    ``ModelInput``, runs the model and samples."""
+    It sizes the KV pool (``kv_pool_sizing``: ``cache.kv_cache_memory``, or a share of
+    the memory free once the model is loaded; ``num_blocks``, which the engine's block
+    manager then hands out), turns each ``SchedulerOutput`` into a ``ModelInput``, runs
+    the model and samples."""
 
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, cache: CacheConfig,
                  kv_dtype: torch.dtype, device: str, seed: int) -> None:
@@ -108,14 +113,33 @@ class ModelRunner:
         self.cfg = cfg
         self.block_size = cache.block_size
         self.device = device
-        per_block = cfg.kv_bytes_per_token(kv_dtype) * cache.block_size
-        self.num_blocks = cache.kv_cache_memory // per_block
+        self.kv_dtype = kv_dtype
+        per_token = cfg.kv_bytes_per_token(kv_dtype)
+        per_block = per_token * cache.block_size
+        longest = min(cache.max_model_len or cfg.max_position_embeddings,
+                      cfg.max_position_embeddings)
+        self.kv_pool: KVPoolSize = size_kv_pool(
+            cache.kv_cache_memory, model, device, per_token,
+            max_tokens=cache.max_num_seqs * -(-longest // cache.block_size) * cache.block_size)
+        self.num_blocks = self.kv_pool.nbytes // per_block
         if self.num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {cache.kv_cache_memory} B holds no KV block "
-                             f"({per_block} B each); increase it.")
+            raise ValueError(
+                f"kv_cache_memory {self.kv_pool.nbytes} B holds no KV block ({per_block} B "
+                "each); " + ("too little memory is free: set --kv-cache-memory."
+                             if self.kv_pool.auto else "increase it."))
         self.kv_cache_bytes = self.num_blocks * per_block
+        logger.info("KV pool: %s", self.kv_cache_line(
+            min(longest, self.num_blocks * cache.block_size), cache.max_num_seqs))
         self.kv_cache = KVCache(cfg, self.num_blocks, cache.block_size, kv_dtype, device)
         self.sampler = Sampler(cfg.vocab_size, seed)
+
+    def kv_cache_line(self, max_model_len: int, max_num_seqs: int) -> str:
+        """The pool in one line: size, how it was sized, how many requests of
+        ``max_model_len`` fit and the maximum concurrency at the model's context (what
+        ``tokenmill serve`` prints at start-up)."""
+        return self.kv_pool.describe(self.kv_cache_bytes, self.num_blocks * self.block_size,
+                                     self.kv_dtype, max_model_len,
+                                     self.cfg.max_position_embeddings, max_num_seqs)
 
     def _slots(self, req: Sequence, start: int, end: int) -> list[int]:
         """Cache slots of positions [start, end) of a request, from its block table."""
