@@ -6,6 +6,7 @@
     POST /v1/completions        POST /v1/chat/completions     GET /v1/models[/{id}]
     GET  /health                GET  /version                 GET /metrics
     POST /tokenize              POST /detokenize
+    POST /v1/responses          GET|DELETE /v1/responses/{id}  (``serving_responses``)
     GET  /                      the chat page (``web_ui``; no key needed, it holds no data)
 
 The lifespan starts the engine thread when the server starts and, on shutdown (after
@@ -53,9 +54,11 @@ from tokenmill.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from tokenmill.server.response_store import ResponseStore
 from tokenmill.server.serving_chat import ChatHandler, chat_prompt_ids
 from tokenmill.server.serving_completions import CompletionHandler
 from tokenmill.server.serving_context import ServingContext, json_response
+from tokenmill.server.serving_responses import add_responses_routes
 from tokenmill.server.web_ui import PUBLIC_PATHS, add_web_ui
 
 OPEN_PATHS = frozenset({"/health"}) | PUBLIC_PATHS
@@ -131,15 +134,17 @@ class APIKeyMiddleware:
 
 
 def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None = None,
-              shutdown_timeout: float = 30.0, limits: ServerLimits | None = None) -> FastAPI:
+              shutdown_timeout: float = 30.0, limits: ServerLimits | None = None,
+              reasoning_parser: str | None = None) -> FastAPI:
     """The server for ``engine``. ``model_names`` are the names clients may put in
-    "model" (the first is reported back); ``limits`` the operator's bounds."""
+    "model" (the first is reported back); ``limits`` the operator's bounds;
+    ``reasoning_parser`` (qwen3, deepseek_r1) splits think blocks off chat replies."""
     if not model_names:
         raise ValueError("model_names needs at least one name to serve the model under.")
     limits = limits or ServerLimits()
     metrics = ServerMetrics(model_names[0], engine.stats)
     ctx = ServingContext(engine, list(model_names), metrics, limits)
-    completions, chat = CompletionHandler(ctx), ChatHandler(ctx)
+    completions, chat = CompletionHandler(ctx), ChatHandler(ctx, reasoning_parser)
     started = int(time.time())
 
     @asynccontextmanager
@@ -174,6 +179,8 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
         return await chat.create(body, raw)
+
+    add_responses_routes(app, chat, ResponseStore())
 
     def card(name: str) -> ModelCard:
         # root: the served name, not the model's file path (which clients need not know)

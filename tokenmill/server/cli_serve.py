@@ -83,6 +83,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "HTTP clients keep idle connections, so that a client never sends "
                         "a request on a connection the server is closing (default: "
                         f"{KEEP_ALIVE_S:g})")
+    g.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="split <think>...</think> off chat replies into reasoning_content "
+                        "(and reasoning items on /v1/responses); deepseek_r1: replies start "
+                        "inside the think block; qwen3: when the prompt opened it")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true",
@@ -176,7 +180,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
                           allow_request_priority=a.allow_request_priority,
                           allow_special_tokens_in_content=a.allow_special_tokens_in_content)
     app = build_app(engine, names, api_key=a.api_key, shutdown_timeout=a.shutdown_timeout,
-                    limits=limits)
+                    limits=limits, reasoning_parser=a.reasoning_parser)
     print(banner(engine, names, base_url(a.host, a.port), bool(a.api_key)), flush=True)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
                             access_log=not a.disable_access_log,

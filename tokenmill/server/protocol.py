@@ -413,6 +413,8 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    # the think block's text, with --reasoning-parser (vLLM's name for it)
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
@@ -420,6 +422,8 @@ class ChatResponseMessage(BaseModel):
         out = handler(self)
         if not self.tool_calls:
             out.pop("tool_calls", None)
+        if self.reasoning_content is None:
+            out.pop("reasoning_content", None)
         return out
 
 
@@ -446,11 +450,13 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _drop_unset(self) -> dict[str, Any]:
-        out = {k: v for k, v in (("role", self.role), ("content", self.content))
+        out = {k: v for k, v in (("role", self.role), ("content", self.content),
+                                 ("reasoning_content", self.reasoning_content))
                if v is not None}
         if self.tool_calls:
             out["tool_calls"] = [t.model_dump() for t in self.tool_calls]

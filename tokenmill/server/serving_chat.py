@@ -17,7 +17,13 @@ completions, answered in the chat shapes:
 
 With ``tools`` (and ``tool_choice`` other than none) the template sees the tools, the
 grammar keeps calls valid or forces them, and replies are parsed for calls into
-``message.tool_calls`` / ``delta.tool_calls`` (``chat_tools``).
+``message.tool_calls`` / ``delta.tool_calls`` (``chat_reply``).
+
+With ``--reasoning-parser`` a reply's ``<think>`` block goes into
+``message.reasoning_content`` (streamed as ``delta.reasoning_content``), tool calls and
+content are read from what follows it, and a constraint (response_format, tools) applies
+after ``</think>`` (``tokenmill.reasoning``). ``chat_template_kwargs`` with
+``enable_thinking: false`` turns the parsing off for that request.
 
 Logprobs use the chat shape: ``logprobs.content`` is one entry per generated token,
 ``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}, ...]}`` with the
@@ -29,13 +35,21 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from tokenmill.outputs import PositionLogprobs, RequestOutput
-from tokenmill.server.constraints import ToolSetup, request_constraint, resolve_tools
+from tokenmill.reasoning import after_reasoning, reasoning_mode
+from tokenmill.server.chat_reply import ReplySetup, ReplyStream, final_reply
+from tokenmill.server.constraints import (
+    Constraint,
+    ToolSetup,
+    request_constraint,
+    resolve_tools,
+)
 from tokenmill.server.errors import invalid_request
 from tokenmill.server.protocol import (
     ChatChoice,
@@ -58,9 +72,12 @@ from tokenmill.server.serving_context import (
     usage,
 )
 from tokenmill.server.sse import EngineStreams, EventStreamResponse, sse_frame
-from tokenmill.server.tool_call_output import ToolDeltaStream, finish_reason, tool_reply
+from tokenmill.server.tool_call_output import finish_reason
 from tokenmill.tokenizer import Tokenizer
 from tokenmill.tool_calling.prompt import template_messages
+
+# the prompt's last tokens decoded to tell whether the template opened a think block
+PROMPT_TAIL_TOKENS = 8
 
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[ChatMessage],
@@ -98,11 +115,37 @@ def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs],
     return ChatLogprobs(content=content)
 
 
-class ChatHandler:
-    def __init__(self, ctx: ServingContext) -> None:
-        self.ctx = ctx
+def reasoning_setup(ctx: ServingContext, parser: str | None, prompt_ids: list[int],
+                    template_kwargs: dict[str, Any] | None,
+                    tools: ToolSetup) -> tuple[ReplySetup, Constraint | None]:
+    """How replies are read with ``--reasoning-parser`` (where they start, from the
+    prompt's last tokens), and the constraint moved after the think block: a structural
+    tag the client wrote describes the whole reply and stays as it is."""
+    tail = ctx.tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:], False) if parser else ""
+    mode = reasoning_mode(parser, tail, template_kwargs)
+    constraint = tools.constraint
+    if (constraint is not None and mode != "off"
+            and (constraint.param == "tools" or constraint.params.kind != "structural_tag")):
+        constraint = Constraint(after_reasoning(constraint.params, mode), constraint.param)
+    return ReplySetup(tools, mode), constraint
 
-    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+
+@dataclass
+class ChatRun:
+    """A started chat request: its id, how its replies are read, its engine streams."""
+
+    request_id: str
+    setup: ReplySetup
+    streams: EngineStreams
+
+
+class ChatHandler:
+    def __init__(self, ctx: ServingContext, reasoning_parser: str | None = None) -> None:
+        self.ctx = ctx
+        self.reasoning_parser = reasoning_parser
+
+    async def start(self, req: ChatCompletionRequest, id_prefix: str = "chatcmpl") -> ChatRun:
+        """Checks, renders, tokenizes and starts ``req`` (also the Responses API's path)."""
         ctx = self.ctx
         ctx.check_request(req.model, req.stream, req.prompt_logprobs, req.priority)
         tools = resolve_tools(req.tools, req.tool_choice, req.parallel_tool_calls,
@@ -113,37 +156,44 @@ class ChatHandler:
             req.chat_template_kwargs, False, tools.template_tools,
             ctx.limits.allow_special_tokens_in_content)
         ctx.check_token_ids(ids, "messages")
+        setup, constraint = reasoning_setup(ctx, self.reasoning_parser, ids,
+                                            req.chat_template_kwargs, tools)
         kwargs = req.sampling_kwargs()
         kwargs["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = ctx.make_params(kwargs, len(ids), max_tokens, "messages", tools.constraint)
-        await ctx.check_constraint(tools.constraint)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        params = ctx.make_params(kwargs, len(ids), max_tokens, "messages", constraint)
+        await ctx.check_constraint(constraint)
+        request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         streams = await ctx.start(request_id, [ids], [params], req.priority)
-        if req.stream:
-            return EventStreamResponse(self._frames(req, tools, request_id, streams),
-                                       streams)
-        out = (await ctx.run(raw, streams))[0]
-        return json_response(self._response(req, tools, request_id, out))
+        return ChatRun(request_id, setup, streams)
 
-    def _response(self, req: ChatCompletionRequest, tools: ToolSetup, request_id: str,
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        run = await self.start(req)
+        if req.stream:
+            return EventStreamResponse(self._frames(req, run.setup, run.request_id,
+                                                    run.streams), run.streams)
+        out = (await self.ctx.run(raw, run.streams))[0]
+        return json_response(self._response(req, run.setup, run.request_id, out))
+
+    def _response(self, req: ChatCompletionRequest, setup: ReplySetup, request_id: str,
                   out: RequestOutput) -> ChatCompletionResponse:
         choices = []
         for o in out.outputs:
-            content, calls = tool_reply(o.text, tools) if tools.parse_calls else (o.text, [])
+            reply = final_reply(o.text, setup)
             choices.append(ChatChoice(
-                index=o.index, message=ChatResponseMessage(content=content,
-                                                           tool_calls=calls or None),
+                index=o.index, message=ChatResponseMessage(
+                    content=reply.content, reasoning_content=reply.reasoning,
+                    tool_calls=reply.calls or None),
                 logprobs=(chat_logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0)
                           if req.logprobs else None),
-                finish_reason=finish_reason(o.finish_reason, bool(calls)),
+                finish_reason=finish_reason(o.finish_reason, bool(reply.calls)),
                 stop_reason=o.stop_reason))
         return ChatCompletionResponse(
             id=request_id, model=self.ctx.model_name, choices=choices, usage=usage([out]),
             prompt_logprobs=(prompt_logprobs_json(out.prompt_logprobs)
                              if req.prompt_logprobs is not None else None))
 
-    async def _frames(self, req: ChatCompletionRequest, tools: ToolSetup, request_id: str,
+    async def _frames(self, req: ChatCompletionRequest, setup: ReplySetup, request_id: str,
                       streams: EngineStreams) -> AsyncIterator[str]:
         created = int(time.time())
         exclude = None if req.include_usage else {"usage"}
@@ -157,7 +207,7 @@ class ChatHandler:
             yield frame(ChatStreamChoice(index=index,
                                          delta=DeltaMessage(role="assistant", content="")))
         sent = [StreamedChoice() for _ in range(req.n)]
-        parsers = [ToolDeltaStream(tools) for _ in range(req.n)] if tools.parse_calls else []
+        parsers = [ReplyStream(setup) for _ in range(req.n)]
         last: RequestOutput | None = None
         async for _, out in streams:
             last = out
@@ -166,14 +216,9 @@ class ChatHandler:
                 if sent[j].done:
                     continue
                 new_ids = sent[j].new_token_ids(o)
-                calls: list = []
-                reason = o.finish_reason
-                if parsers:
-                    text, calls = parsers[j].update(o.text, reason is not None)
-                    reason = finish_reason(reason, parsers[j].made_calls)
-                else:
-                    text = sent[j].new_text(o)
-                if (not text and not calls and not reason
+                reasoning, text, calls = parsers[j].update(o.text, o.finish_reason is not None)
+                reason = finish_reason(o.finish_reason, parsers[j].made_calls)
+                if (not text and not reasoning and not calls and not reason
                         and not (req.logprobs and new_ids)):
                     continue
                 logprobs = None
@@ -181,8 +226,9 @@ class ChatHandler:
                     logprobs = chat_logprobs(new_ids, sent[j].new_logprobs(o),
                                              req.top_logprobs or 0)
                 sent[j].mark_sent(o, reason is not None)
-                content = text if text or not (sent[j].done or calls) else None
-                delta = DeltaMessage(content=content, tool_calls=calls or None)
+                content = text if text or not (sent[j].done or calls or reasoning) else None
+                delta = DeltaMessage(content=content, reasoning_content=reasoning or None,
+                                     tool_calls=calls or None)
                 yield frame(ChatStreamChoice(index=j, delta=delta, logprobs=logprobs,
                                              finish_reason=reason,
                                              stop_reason=o.stop_reason))
