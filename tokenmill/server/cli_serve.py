@@ -134,17 +134,13 @@ def base_url(host: str, port: int) -> str:
 def banner(engine, names: list[str], url: str, api_key: bool) -> str:
     """What is served, in a few lines."""
     cfg, mc = engine.engine_config, engine.model_config
-    blocks, block_size = engine.kv_cache_shape
-    kv_bytes = blocks * block_size * mc.kv_bytes_per_token(engine.kv_dtype)
     dtype = str(cfg.dtype).removeprefix("torch.")
     return "\n".join([
         f"tokenmill serving {', '.join(names)}",
         f"  model     {cfg.model} ({mc.architecture})",
         f"  dtype     {dtype} on {cfg.device}",
-        f"  KV cache  {blocks * block_size} tokens ({blocks} blocks x {block_size}, "
-        f"{kv_bytes / 2**20:.1f} MiB, {str(engine.kv_dtype).removeprefix('torch.')}); "
-        f"max_model_len {engine.max_model_len}, "
-        f"max_num_seqs {cfg.scheduler.max_num_seqs}",
+        "  KV cache  " + engine.engine.runner.kv_cache_line(engine.max_model_len,
+                                                            cfg.scheduler.max_num_seqs),
         f"  URL       {url}/v1  (OpenAI base URL; also /health /metrics /docs)"
         + ("  [API key required]" if api_key else ""),
     ])
