@@ -158,7 +158,8 @@ def test_asks_for_the_key_then_streams_a_reply(chat, server):
         }).observe(document.querySelector('#messages'),
                    {childList: true, subtree: true, characterData: true, attributes: true});
     }""")
-    chat.settings(temperature="0", max_tokens="32")
+    # 32 tokens whatever the model says (ignore_eos), so the reply has pieces to stream
+    chat.settings(temperature="0", max_tokens="32", extra_json='{"ignore_eos": true}')
     question = "What is the capital of France?"
     chat.send(question)
     chat.wait_reply_done()
@@ -168,11 +169,12 @@ def test_asks_for_the_key_then_streams_a_reply(chat, server):
     assert user == {"role": "user", "content": question}
     # the same request without the page, not streamed: greedy gives the same text
     ref = httpx.post(server.base_url + "/v1/chat/completions", headers=server.headers,
-                     timeout=120, json={"messages": [user], "temperature": 0, "max_tokens": 32})
+                     timeout=120, json={"messages": [user], "temperature": 0, "max_tokens": 32,
+                                       "ignore_eos": True})
     assert ref.status_code == 200, ref.text
     want = ref.json()["choices"][0]["message"]["content"]
     assert want and reply["content"] == want
-    assert reply["tokens"] == ref.json()["usage"]["completion_tokens"]
+    assert reply["tokens"] == ref.json()["usage"]["completion_tokens"] == 32
     partial = {t for t in chat.page.evaluate("() => window.seen") if len(t) < len(want)}
     assert len(partial) >= 2, f"the reply did not arrive in pieces: {partial}"
     shown = chat.page.text_content(".msg.assistant .content")
