@@ -242,9 +242,11 @@ HOSTILE = [
     "> <iframe src=https://evil.example></iframe>",
     "- <svg onload=alert(1)>\n- [x](javascript:1)",
     "https://ok.example/<script>",
+    "| <b>h</b> | x |\n|---|---|\n| <img src=x onerror=alert(1)> | [y](javascript:1) |",
 ]
 ALLOWED_TAGS = {"p", "br", "pre", "code", "strong", "em", "del", "a", "ul", "ol", "li",
-                "blockquote", "hr", "h1", "h2", "h3", "h4", "h5", "h6"}
+                "blockquote", "hr", "h1", "h2", "h3", "h4", "h5", "h6",
+                "table", "thead", "tbody", "tr", "th", "td"}
 ALLOWED_ATTRS = {("a", "href"), ("a", "target"), ("a", "rel"), ("code", "class"),
                  ("ol", "start")}
 
@@ -286,6 +288,8 @@ def test_markdown_renders_what_models_write(chat):
         "see [site](https://example.com/a_b) or https://example.org.": ["p", "a", "a"],
         "```\nunclosed, while streaming": ["pre", "code"],
         "> quoted\n\n---\n~~gone~~": ["blockquote", "p", "hr", "p", "del"],
+        "Colors:\n| name | hex |\n|:--|--:|\n| red | `#f00` |": [
+            "p", "table", "thead", "tr", "th", "th", "tbody", "tr", "td", "td", "code"],
     }
     outs = chat.page.evaluate(RENDER, list(cases))
     for (text, tags), out in zip(cases.items(), outs, strict=True):

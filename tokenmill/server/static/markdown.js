@@ -5,7 +5,7 @@
 // mailto: (anything else, javascript: and data: included, stays text). Images are not
 // loaded. Supported: ``` / ~~~ code fences (an unclosed fence runs to the end, as while
 // streaming), `inline code`, **bold**, *italic*, _italic_, ~~strike~~, [links](url), bare
-// http(s) URLs, # headings, - / * / 1. lists, > quotes, --- rules, paragraphs.
+// http(s) URLs, # headings, - / * / 1. lists, > quotes, --- rules, | tables |, paragraphs.
 
 const ESC = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
 export function escapeHtml(s) {
@@ -47,6 +47,11 @@ const HEADING = /^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
 const RULE = /^ {0,3}([-*_])(\s*\1){2,}\s*$/;
 const ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
 const QUOTE = /^ {0,3}>\s?(.*)$/;
+const TABLE_RULE = /^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$/;
+
+// "| a | b |" -> ["a", "b"]
+const cells = (line) => line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|")
+  .map((c) => c.trim());
 
 export function renderMarkdown(text) {
   const lines = String(text).replace(/\u0000/g, "\uFFFD").replace(/\r\n?/g, "\n").split("\n");
@@ -68,6 +73,15 @@ export function renderMarkdown(text) {
       const n = m[1].length;
       out.push(`<h${n}>${inline(m[2])}</h${n}>`);
       i++;
+    } else if (line.includes("|") && i + 1 < lines.length && lines[i + 1].includes("-")
+               && TABLE_RULE.test(lines[i + 1])) {
+      const head = cells(line);
+      const rows = [];
+      for (i += 2; i < lines.length && lines[i].includes("|"); i++) rows.push(cells(lines[i]));
+      const tr = (row, tag) => `<tr>${head.map((_, k) => `<${tag}>${inline(row[k] ?? "")}</${tag}>`)
+        .join("")}</tr>`;
+      out.push(`<table><thead>${tr(head, "th")}</thead>`
+               + `<tbody>${rows.map((r) => tr(r, "td")).join("")}</tbody></table>`);
     } else if (RULE.test(line)) {
       out.push("<hr>");
       i++;
@@ -99,7 +113,8 @@ export function renderMarkdown(text) {
       const para = [];
       for (; i < lines.length && lines[i].trim() && !FENCE.test(lines[i])
              && !HEADING.test(lines[i]) && !QUOTE.test(lines[i]) && !RULE.test(lines[i])
-             && !(para.length && ITEM.test(lines[i])); i++) {
+             && !(para.length && ITEM.test(lines[i]))
+             && !(lines[i].includes("|") && TABLE_RULE.test(lines[i + 1] ?? "")); i++) {
         para.push(lines[i]);
       }
       out.push(`<p>${para.map(inline).join("<br>")}</p>`);
