@@ -37,7 +37,7 @@ logger = logging.getLogger("tokenmill")
 
 _SOURCE_DIR = Path(__file__).with_name("csrc")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-_ABI_VERSION = 9  # TM_ABI_VERSION in csrc/common.h
+_ABI_VERSION = 10  # TM_ABI_VERSION in csrc/common.h
 
 
 def _sources() -> list[Path]:
@@ -81,13 +81,15 @@ class TmWeight(ctypes.Structure):
 
 class TmLayer(ctypes.Structure):
     """C ``tm_layer`` (csrc/common.h): one decoder layer for ``tm_decode_layers``, as
-    pointers to float32 tensors (norm weights, rotary tables), packed weights, and the
-    layer's K/V caches. Field for field the C struct; its size is checked at load."""
+    pointers to float32 tensors (norm weights, the q/k/v bias if any, rotary tables),
+    packed weights, and the layer's K/V caches. Field for field the C struct; its size is
+    checked at load."""
 
     _fields_ = [
         ("ln1", ctypes.c_void_p),        # RMSNorm weight before attention
         ("ln2", ctypes.c_void_p),        # RMSNorm weight before the MLP
         ("qkv", TmWeight),
+        ("qkv_bias", ctypes.c_void_p),   # float32 [q + k + v rows], or None (NULL)
         ("o", TmWeight),
         ("gate_up", TmWeight),
         ("down", TmWeight),

@@ -5,9 +5,10 @@ At batch 1 a layer is little arithmetic, and called from Python it costs as much
 dispatch: about fifteen module calls, tensor views and ctypes calls. For steps made only
 of decodes (one new token per sequence), this path hands every layer to C in a single
 ctypes call: the same kernels in the same order as the Python layer code (packed matmuls,
-fused RMSNorm, in-place rotary, paged decode attention, SiLU-and-mul), so the hidden
-states are bit-identical to it. Everything else (prefill chunks, float weights, qkv bias,
-q/k norm, tensor parallelism) takes the Python path.
+fused RMSNorm, the q/k/v bias of Qwen2 added as ``packed_linear`` adds it, in-place
+rotary, paged decode attention, SiLU-and-mul), so the hidden states are bit-identical to
+it. Everything else (prefill chunks, float weights, a bias on another projection, q/k
+norm, tensor parallelism) takes the Python path.
 
 The layers are described to C by an array of ``TmLayer`` records (pointers to each
 layer's weights, rotary tables and K/V caches), built once here; the cache pointers are
@@ -41,6 +42,8 @@ class CPUDecodePath:
             rec.ln1 = layer.input_layernorm.weight.data_ptr()
             rec.ln2 = layer.post_attention_layernorm.weight.data_ptr()
             rec.qkv = _weight(att.qkv_proj)
+            bias = att.qkv_proj.bias
+            rec.qkv_bias = None if bias is None else bias.data_ptr()
             rec.o = _weight(att.o_proj)
             rec.gate_up = _weight(mlp.gate_up_proj)
             rec.down = _weight(mlp.down_proj)
@@ -60,13 +63,18 @@ class CPUDecodePath:
     def build(model) -> CPUDecodePath | None:
         """The fast path, if every layer qualifies; else None."""
         cfg = model.config
-        if tp_size() != 1 or cfg.qkv_bias or cfg.qk_norm:
+        if tp_size() != 1 or cfg.qk_norm:
             return None
         for layer in model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
-            linears = (att.qkv_proj, att.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            unbiased = (att.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            bias = att.qkv_proj.bias
             if not isinstance(att.backend, CPUAttentionBackend) or any(
-                    lin.packed is None or lin.bias is not None for lin in linears):
+                    lin.packed is None for lin in (att.qkv_proj, *unbiased)) or any(
+                    lin.bias is not None for lin in unbiased):
+                return None
+            if bias is not None and not (bias.dtype == torch.float32
+                                         and bias.is_contiguous()):
                 return None
             if layer.input_layernorm.weight.dtype != torch.float32:
                 return None

@@ -43,7 +43,7 @@
 #define TM_INTERLEAVE (TM_VNNI || TM_VNNI256)
 
 /* Bumped whenever an exported signature or tm_layer changes; cpu.py checks it at load. */
-#define TM_ABI_VERSION 9
+#define TM_ABI_VERSION 10
 
 #define TM_INLINE static inline __attribute__((always_inline))
 
@@ -174,6 +174,7 @@ typedef struct tm_layer {
     const float *ln1;      /* RMSNorm weight before attention [H] */
     const float *ln2;      /* RMSNorm weight before the MLP [H] */
     tm_weight qkv;         /* [(NH + 2 KVH) D, H]: q, k, v projections stacked */
+    const float *qkv_bias; /* [(NH + 2 KVH) D] added to q, k, v (Qwen2), or NULL */
     tm_weight o;           /* [H, NH D] */
     tm_weight gate_up;     /* [2 I, H]: gate, then up */
     tm_weight down;        /* [H, I] */

@@ -4,7 +4,8 @@
  * Per layer, the same kernels in the same order as the Python layer code calls them, so
  * the hidden states are bit-identical to the Python path:
  *   residual += x (first layer: residual = x); h = rmsnorm(residual) * ln1
- *   qkv = h @ Wqkv^T; rotary on the q and k heads; k, v -> their cache slots
+ *   qkv = h @ Wqkv^T (+ qkv bias, Qwen2); rotary on the q and k heads; k, v -> their
+ *   cache slots
  *   a = paged decode attention(q); x = a @ Wo^T
  *   residual += x; h = rmsnorm(residual) * ln2
  *   x = silu_and_mul(h @ Wgate_up^T) @ Wdown^T
@@ -55,6 +56,9 @@ static int decode_layer(const tm_layer *ly, int first, int64_t T, int64_t H, int
         tm_rms_norm(x, residual, ly->ln1, T, H, eps, h);
     }
     if ((rc = tm_gemm_weight(&ly->qkv, h, T, H, big))) goto done;
+    if (ly->qkv_bias)  /* y + b, one float32 add per element, as packed_linear adds it */
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t i = 0; i < W; i++) big[t * W + i] += ly->qkv_bias[i];
     tm_rope(big, T, W, NH + KVH, D, positions, ly->cos, ly->sin);
     for (int64_t t = 0; t < T; t++) {
         const float *row = big + t * W;
