@@ -343,6 +343,9 @@ $("input").addEventListener("keydown", (ev) => {
   }
 });
 $("stop").addEventListener("click", () => busy?.controller.abort());
+document.addEventListener("keydown", (ev) => {
+  if (ev.key === "Escape" && busy && !$("key-dialog").open) busy.controller.abort();
+});
 
 renderList();
 renderMessages();
