@@ -24,6 +24,8 @@ from tests.conftest import default_gguf_path
 from tests.server.fixture import Server, running_server, sample, scrape, wait_until
 from tokenmill.server import web_ui
 
+pytestmark = pytest.mark.slow  # runs the real embedded model
+
 CHROMIUM = os.environ.get("TOKENMILL_TEST_CHROMIUM") or shutil.which("chromium") \
     or "/usr/bin/chromium"
 API_KEY = "web-ui-test-key"
