@@ -67,7 +67,11 @@ def settle(m: StructuredOutputManager) -> None:
     ({"regex": "x{99999999999999999999}"}, "regex: a repetition bound"),
     ({"json": {"type": "string", "pattern": "(x{0,50}){0,50}"}}, "json: nested"),
     ({"json": {"type": "object", "patternProperties": {"(a{9}){99}": {}}}}, "json: nested"),
-    ({"grammar": 'root ::= item{0,30}\nitem ::= ("ab" | [^a]){0,30}'}, "grammar: nested"),
+    ({"grammar": 'root ::= item{0,30}\nitem ::= ("ab" | [^a]){0,30}'}, "grammar: a group"),
+    ({"grammar": 'root ::= item{0,30}\nitem ::= ("ab" | "c"){0,30}'}, "grammar: nested"),
+    ({"grammar": 'root ::= ([^a] | "ab"){0,30}'}, "grammar: a group that can match broad"),
+    ({"grammar": 'root ::= item{0,30}\nitem ::= [^a] | "ab"'}, "grammar: a group"),
+    ({"grammar": 'root ::= (" " | "x"){0,30}'}, "grammar: a group"),
     ({"grammar": 'root ::= "a"{0,5000}'}, "grammar: a repetition bound of 5000"),
     # groups of broad characters repeated in copies (seconds per mask fill, measured)
     ({"regex": "(.|..){0,300}"}, "regex: a group that can match broad characters only"),
@@ -107,6 +111,9 @@ def test_unbounded_repetitions_are_refused(fields, match):
     {"regex": "(.|..){0,2}"},
     {"regex": "(.|..)*"},
     {"json": {"type": "string", "maxLength": 1000}},
+    {"grammar": 'root ::= ("a" | "bc"){0,30}'},
+    {"grammar": 'root ::= ([a-z]+ ","){0,30}'},
+    {"grammar": 'root ::= [^a]{0,300}'},
 ])
 def test_ordinary_constraints_pass(fields):
     m = manager()

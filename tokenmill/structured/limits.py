@@ -1,4 +1,4 @@
-"""Limits on what a constraint may cost, checked before it is parsed or compiled.
+r"""Limits on what a constraint may cost, checked before it is parsed or compiled.
 
 A grammar library expands a bounded repetition ``x{m,n}`` into up to n copies of ``x``;
 nested ones multiply: ``((ab|[^a]){0,30}){0,30}`` is 900 copies of an ambiguous item, and
@@ -13,23 +13,24 @@ Checked in regexes, in the ``pattern``s of a JSON schema or structural tag, and 
 grammars (through rule references too). Sizes (text length, enum and choice counts, depth)
 are checked earlier, by ``StructuredOutputsParams``.
 
-A third rule, for regexes (and schema patterns): no group repeated more than
-``MAX_BROAD_GROUP_REPEAT`` times whose body can match a string of broad atoms only (``.``,
-a negated class, a class or escape of more than ``BROAD_CLASS_CHARS`` characters or with
-whitespace in it, whitespace itself). xgrammar expands such a group into copies, and since
-nearly every token of a vocabulary is made of broad characters (most BPE tokens start with
-a space), nearly every token can run across the end of one copy into the next: each mask
-fill walks the whole vocabulary through every reachable copy. Measured with xgrammar 0.2.9
-on SmolLM2's 49k vocabulary, the costliest of the first four mask fills, one process:
-``(.|..){0,N}`` 12 ms at N=2, 112 ms at 4, 560 ms at 10, 2.3 s at 300; ``(.?){0,30}`` 2.6 s;
-``(\w+\s?){0,50}`` 1.6 s; ``([^a]|ab){0,30}`` 62 ms; ``(..){0,30}`` 50 ms; ``(\w+ ){0,50}``
-50 ms, against an ~18 ms decode step. Groups whose every match holds a narrow, non-space
-character stay cheap (< 1 ms: ``(a|bc){0,100}``, ``(x?){0,100}``, ``([a-z]+,){0,100}``,
-``(\d\d){0,30}``), as do repetitions of one atom (``[a-z]{0,1000}``, ``(\w){0,30}``: xgrammar
-repeats a character class without copies of a rule). The rule refuses a few cheap patterns
-too (``(\w+){0,30}``, ``([A-Za-z0-9]{4}){0,30}``: 12 ms); ``\w*`` and ``[\w ]{0,300}``
-say the same things cheaply. JSON-schema ``maxLength`` strings are not
-regexes and are not affected. What the rules cannot see is caught at run time by the
+A third rule, checked in the same places: no group (in EBNF, a rule reference too) repeated
+more than ``MAX_BROAD_GROUP_REPEAT`` times whose body can match a string of broad atoms only
+(``.``, a negated class, a class or escape of more than ``BROAD_CLASS_CHARS`` characters or
+with whitespace in it, whitespace itself, an EBNF string of whitespace). xgrammar expands
+such a group into copies, and since nearly every token of a vocabulary is made of broad
+characters (most BPE tokens start with a space), nearly every token can run across the end
+of one copy into the next: each mask fill walks the whole vocabulary through every reachable
+copy. Measured with xgrammar 0.2.9 on SmolLM2's 49k vocabulary, the costliest of the first
+four mask fills, one process: ``(.|..){0,N}`` 12 ms at N=2, 112 ms at 4, 560 ms at 10, 2.3 s
+at 300; ``(.?){0,30}`` 2.6 s; ``(\w+\s?){0,50}`` 1.6 s; ``([^a]|ab){0,30}`` 62 ms;
+``(..){0,30}`` 50 ms; ``(\w+ ){0,50}`` 50 ms, against an ~18 ms decode step; the EBNF
+``([^a] | "ab"){0,30}`` 270 ms, as a rule reference too. Groups whose every match holds a
+narrow, non-space character stay cheap (< 1 ms: ``(a|bc){0,100}``, ``(x?){0,100}``,
+``([a-z]+,){0,100}``, ``(\d\d){0,30}``), as do repetitions of one atom (``[a-z]{0,1000}``,
+``(\w){0,30}``: xgrammar repeats a character class without copies of a rule). The rule
+refuses a few cheap patterns too (``(\w+){0,30}``, ``([A-Za-z0-9]{4}){0,30}``: 12 ms);
+``\w*`` and ``[\w ]{0,300}`` say the same things cheaply. JSON-schema ``maxLength`` strings
+are not regexes and are not affected. What the rules cannot see is caught at run time by the
 per-step mask budget (``manager.MASK_STEP_BUDGET_S``).
 """
 
@@ -75,22 +76,22 @@ def check_ebnf(grammar: str, field: str) -> None:
         end = heads[i + 1].start() if i + 1 < len(heads) else len(grammar)
         bodies[m.group(1)] = (m.end(), end)
     scanner = _Scanner(grammar, field, ebnf=True)
-    products: dict[str, int] = {}
+    rules: dict[str, tuple[int, str]] = {}  # name -> (product, kind as an atom)
     expanding: set[str] = set()
 
-    def rule_product(name: str) -> int:
+    def rule(name: str) -> tuple[int, str]:
         if name not in bodies or name in expanding:
-            return 1
-        if name not in products:
+            return 1, ""
+        if name not in rules:
             expanding.add(name)
-            products[name] = scanner.scan(*bodies[name])
+            rules[name] = scanner.scan(*bodies[name]), scanner.kind
             expanding.discard(name)
-        return products[name]
+        return rules[name]
 
-    scanner.rule_product = rule_product
+    scanner.rule = rule
     try:
         for name in bodies:
-            rule_product(name)
+            rule(name)
     except RecursionError as e:
         raise ValueError(f"{field}: rules reference each other too deeply.") from e
 
@@ -181,7 +182,8 @@ class _Scanner:
         self.text = text
         self.field = field
         self.ebnf = ebnf
-        self.rule_product = lambda name: 1
+        self.rule = lambda name: (1, "")  # an EBNF rule's (product, kind as an atom)
+        self.kind = ""  # what the last scan read, as an atom (see _Group.kind)
 
     def _refuse(self, why: str) -> ValueError:
         return ValueError(f"{self.field}: {why}; such a constraint would stall generation "
@@ -212,17 +214,23 @@ class _Scanner:
                     i = end if close == -1 else close + 1
             elif c == "[":
                 close = self._class_end(i + 1, end)
-                if regex and self._broad_class(i + 1, close - 1):
+                if self._broad_class(i + 1, close - 1):
                     kind = "broad"
                 i = close
             elif self.ebnf and c in "\"'":
-                i = self._string_end(i + 1, end, c)
+                close = self._string_end(i + 1, end, c)
+                literal = text[i + 1:close - 1]
+                kind = ("narrow" if any(not ch.isspace() for ch in literal.replace("\\n", "")
+                                        .replace("\\t", "").replace("\\r", ""))
+                        else "broad" if literal else "")
+                i = close
             elif self.ebnf and c == "#":
                 newline = text.find("\n", i, end)
                 i = end if newline == -1 else newline + 1
                 continue
             elif self.ebnf and (m := _IDENT.match(text, i, end)):
-                product = self.rule_product(m.group(0))
+                product, kind = self.rule(m.group(0))
+                group = (kind == "broad", False)  # a rule is repeated in copies, as a group
                 i = m.end()
             elif c == "(":
                 stack.append(top)
@@ -271,6 +279,8 @@ class _Scanner:
             inner = top
             top = stack.pop()
             top.most = max(top.most, inner.most)
+        top.as_atom()
+        self.kind = top.kind()
         return top.most
 
     def _repeat(self, top: _Group, bound: int) -> None:
