@@ -7,6 +7,15 @@ request's status codes, the neighbour's p50 and max latency against its latency 
 the server's peak RSS. Not a test: run it on a quiet machine.
 
     python benchmarks/abuse_neighbour.py --seconds 12 --result-json out.json
+    python benchmarks/abuse_neighbour.py --seconds 10 --case regex --case "stop strings"
+
+"unread 8 x 400-token stream" is real work: 8 sequences of 400 tokens, batched with the
+neighbour's, whether or not its client reads. "read 8 x 400-token stream" sends the same
+request and reads it: the difference between the two is what not reading costs the others.
+The server only notices a client that stopped reading once the socket buffers between them
+are full (~3 MB on Linux loopback, as the kernel grows the send buffer) and then
+``--stream-stall-timeout`` seconds have passed; 8 x 400 tokens of events (~1 MB) never get
+there, so that request simply runs to its end (or until the client hangs up).
 """
 
 from __future__ import annotations
@@ -93,6 +102,16 @@ async def unread_stream(base: str) -> int:
     return 200
 
 
+async def read_stream(c: httpx.AsyncClient) -> int:
+    """The same 8 x 400-token stream as ``unread_stream``, read as it comes."""
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "n": 8, "stream": True,
+            "ignore_eos": True}
+    async with c.stream("POST", "/v1/completions", json=body, timeout=300) as r:
+        async for _ in r.aiter_bytes():
+            pass
+        return r.status_code
+
+
 def cases(base: str) -> dict[str, Callable[[httpx.AsyncClient], Awaitable[int]]]:
     big = "x" * (10 * 2**20)
     return {
@@ -129,6 +148,7 @@ def cases(base: str) -> dict[str, Callable[[httpx.AsyncClient], Awaitable[int]]]
                 "enum": [f"value-{i}" for i in range(20000)]}}),
         "40 half-open connections": lambda c: half_open_connections(base),
         "unread 8 x 400-token stream": lambda c: unread_stream(base),
+        "read 8 x 400-token stream": read_stream,
     }
 
 
@@ -192,6 +212,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         results: dict[str, Any] = {"alone": await measure(base, proc.pid, a.seconds)}
         print(f"alone: {results['alone']}", flush=True)
         for name, fn in cases(base).items():
+            if a.case and not any(want in name for want in a.case):
+                continue
             results[name] = r = await measure(base, proc.pid, a.seconds, fn, a.pause)
             ratio = r["p50_s"] / results["alone"]["p50_s"]
             print(f"{name}: neighbour p50 {r['p50_s'] * 1e3:.0f} ms ({ratio:.2f}x alone), "
@@ -220,6 +242,8 @@ def main() -> int:
     p.add_argument("--pause", type=float, default=0.2,
                    help="seconds between two abusive requests (a flood is a rate-limit "
                         "matter, not what one request costs its neighbours)")
+    p.add_argument("--case", action="append", default=[],
+                   help="run only the cases whose name contains this (repeatable)")
     p.add_argument("--result-json", default=None)
     a = p.parse_args()
     results = asyncio.run(main_async(a))

@@ -13,6 +13,7 @@ makes visible what a real server hides: whether a handler blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from types import SimpleNamespace
 
@@ -188,3 +189,51 @@ def test_a_constraint_over_its_mask_budget_is_a_400_not_a_500(tokenizer):
     frames = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
     assert frames[-1] == "data: [DONE]", frames
     assert '"constraint_too_expensive"' in frames[-2], frames
+
+
+# ---- the JSON body checks: every problem found, at no per-item cost on a clean body ---------
+
+STOPS = [f"s{i}" for i in range(100_000)]
+
+
+@pytest.mark.parametrize("raw,where", [
+    (b'{"stop": ["a", "\\ud800"]}', "stop[1]"),
+    (b'{"x": {"y": "\\uDFFF"}}', "x.y"),
+    (b'{"\\ud800": 1}', None),
+    (b'{"temperature": 1e400}', "temperature"),
+    (b'{"temperature": -1E+0309}', "temperature"),
+    (b'{"temperature": ' + b"9" * 400 + b'.0}', "temperature"),
+    (b'{"temperature": NaN}', "temperature"),
+    (b'{"metadata": ' + b"[" * 65 + b"]" * 65 + b"}", "metadata"),
+])
+def test_json_problems_are_found_in_large_bodies_too(raw, where):
+    from tokenmill.server.errors import APIError
+    from tokenmill.server.json_bounds import parse_json_body
+
+    for body in (raw, raw[:-1] + b', "filler": ' + json.dumps(STOPS).encode() + b"}"):
+        with pytest.raises(APIError) as e:
+            parse_json_body(body)
+        assert e.value.status == 400 and (where is None or where in e.value.message), e.value
+
+
+def test_a_clean_body_is_not_walked_item_by_item(monkeypatch):
+    """100,000 stop strings (refused later, by the request model) cost one json.loads: no
+    Python work per item (which cost ~1 s of the GIL per request before)."""
+    from tokenmill.server import json_bounds
+
+    def walked(*args, **kwargs):
+        raise AssertionError("a clean body was walked")
+
+    raw = json.dumps({"prompt": "hi", "n": 4, "stop": STOPS,
+                      "logit_bias": {str(i): 0.1 for i in range(5000)}}).encode()
+    with monkeypatch.context() as m:
+        m.setattr(json_bounds, "json_problem", walked)
+        assert len(json_bounds.parse_json_body(raw)["stop"]) == len(STOPS)
+    # a body that must be walked (a surrogate escape in it) builds paths for containers and
+    # the bad value only, not for each of its 100,000 items
+    joins = []
+    real_join = json_bounds._join
+    monkeypatch.setattr(json_bounds, "_join", lambda *a: joins.append(a) or real_join(*a))
+    assert json_bounds.json_problem(json.loads(raw[:-1] + b', "x": ["\\ud800"]}')) == (
+        "x[0]", json_bounds._scalar_problem("\ud800"))
+    assert len(joins) < 10, len(joins)

@@ -11,6 +11,7 @@ generation, so they are one parametrized test each.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -248,6 +249,28 @@ def test_body_over_the_limit_is_413(hardened):
     assert httpx.get(hardened.base_url + "/health", timeout=10).status_code == 200
 
 
+def test_a_client_sending_a_10_mib_body_reads_its_413(hardened):
+    """httpx sends the whole body before it reads the answer: the server reads the rest of a
+    body it refuses, so the 413 is not lost in a reset connection (a server that closes
+    with unread data resets it; httpx's async client then raised ReadError every time)."""
+    prompt = "x" * (10 * 2**20)
+
+    async def chunked():
+        for i in range(0, len(prompt), 2**16):
+            yield prompt[i:i + 2**16].encode()
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=hardened.base_url, timeout=120) as c:
+            return [await c.post("/v1/completions", json={**COMP, "prompt": prompt}),
+                    await c.post("/v1/completions", content=chunked(),
+                                 headers={"Content-Type": "application/json"})]
+
+    for r in asyncio.run(send_all()):
+        err = clean_error(r, 413)
+        assert err["code"] == "request_too_large", err
+    assert httpx.get(hardened.base_url + "/health", timeout=10).status_code == 200
+
+
 def test_prompts_times_n_count_as_sequences(hardened):
     # 3 prompts x n=2 = 6 sequences: more than the queue (4) could ever take
     body = {**COMP, "prompt": ["a", "b", "c"], "n": 2}
@@ -356,6 +379,38 @@ def test_stalled_connections_do_not_block_others(hardened):
     finally:
         for s in stalled:
             s.close()
+
+
+def test_a_client_that_stops_reading_is_dropped():
+    """A stream whose client reads nothing is cut after --stream-stall-timeout and its
+    request aborted, long before it would have ended. Its own server: the socket buffers
+    between the two hold ~3 MB (the kernel grows the server's send buffer), so the stream
+    must be long (8 sequences x 1,500 tokens with 20 logprobs each: ~12 MB of events)."""
+    with running_server("--kv-cache-memory", "320MiB", "--max-model-len", "1600",
+                        "--max-num-seqs", "8", "--stream-stall-timeout", "2") as server:
+        body = json.dumps({"prompt": "hi", "max_tokens": 1500, "ignore_eos": True,
+                           "stream": True, "logprobs": 20, "n": 8}).encode()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", _port(server)))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                         + body)
+            assert wait_until(lambda: (load(server)[0] or 0) >= 1, timeout=60), load(server)
+            dropped = wait_until(lambda: "stopped reading" in server.log(), timeout=300)
+            assert dropped, "the server kept waiting for a client that reads nothing"
+            # aborted: nothing runs, no block is held (the 8 x 1,500 tokens were not done)
+            assert wait_idle(server, timeout=30) == (0, 0, 0)
+            sock.settimeout(30)
+            received = b""
+            try:
+                while chunk := sock.recv(65536):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+        assert received.startswith(b"HTTP/1.1 200"), received[:200]
+        assert b"data: [DONE]" not in received, "the whole stream was kept for the client"
 
 
 def _idle_keep_alive(server: Server) -> socket.socket:

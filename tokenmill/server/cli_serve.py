@@ -5,8 +5,9 @@ served (model, dtype, KV capacity, URL), then hand over to uvicorn, whose lifesp
 starts the engine thread.
 
 Connections: uvicorn's h11 protocol with a time-out on the request head and a cap of
-``--max-connections`` open connections (a request beyond them gets 503;
-``http_guard.guarded_h11_protocol``), and the app's own bounds on the body
+``--max-connections`` open connections (a request beyond them gets 503), and a client that
+reads none of its response for ``--stream-stall-timeout`` seconds dropped
+(``http_guard.guarded_h11_protocol``), and the app's own bounds on the body
 (``--max-request-body-bytes``, ``--request-read-timeout``); see ``limits``.
 
 Shutdown: on SIGINT or SIGTERM uvicorn stops accepting connections, lets the open ones
@@ -31,6 +32,7 @@ from tokenmill.server.limits import (
     DEFAULT_MAX_QUEUED_SEQUENCES,
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     DEFAULT_REQUEST_READ_TIMEOUT_S,
+    DEFAULT_STREAM_STALL_TIMEOUT_S,
 )
 
 # Idle keep-alive connections: a client that reuses a connection at the moment the server
@@ -69,6 +71,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                    help="open connections (and requests in flight) beyond this get HTTP "
                         "503 (default: %(default)s)")
+    g.add_argument("--stream-stall-timeout", type=float,
+                   default=DEFAULT_STREAM_STALL_TIMEOUT_S,
+                   help="seconds a client may leave its response unread (a stream it stopped "
+                        "reading) before its connection is dropped and its request aborted; "
+                        "0: never (default: %(default)s)")
     g.add_argument("--allow-request-priority", action="store_true",
                    help="let requests set 'priority' (lower runs first, |priority| <= "
                         "1000); otherwise a non-zero priority is HTTP 400")
@@ -76,6 +83,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="read special-token text in chat messages (<|im_end|>) as control "
                         "tokens, as older servers did; by default only the chat template's "
                         "own markup makes special tokens")
+    g.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="split <think>...</think> off chat replies into reasoning_content "
+                        "(and reasoning items on /v1/responses); deepseek_r1: replies start "
+                        "inside the think block; qwen3: when the prompt opened it")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
     g.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S,
@@ -83,10 +94,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "HTTP clients keep idle connections, so that a client never sends "
                         "a request on a connection the server is closing (default: "
                         f"{KEEP_ALIVE_S:g})")
-    g.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
-                   help="split <think>...</think> off chat replies into reasoning_content "
-                        "(and reasoning items on /v1/responses); deepseek_r1: replies start "
-                        "inside the think block; qwen3: when the prompt opened it")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true",
@@ -111,6 +118,9 @@ def _check(a: argparse.Namespace) -> None:
                          f"{a.max_request_body_bytes}.")
     if not a.request_read_timeout > 0:
         raise ValueError(f"--request-read-timeout must be > 0, got {a.request_read_timeout}.")
+    if a.stream_stall_timeout < 0:
+        raise ValueError(f"--stream-stall-timeout must be >= 0 (0: never), got "
+                         f"{a.stream_stall_timeout}.")
     if a.max_connections < 1:
         raise ValueError(f"--max-connections must be >= 1, got {a.max_connections}.")
     if a.timeout_keep_alive <= 0:
@@ -183,7 +193,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                             timeout_keep_alive=a.timeout_keep_alive,
                             timeout_graceful_shutdown=a.shutdown_timeout,
                             http=guarded_h11_protocol(a.request_read_timeout,
-                                                      a.max_connections))
+                                                      a.max_connections,
+                                                      a.stream_stall_timeout or None))
     server = uvicorn.Server(config)
     with _graceful_signals_exit_zero():
         server.run()

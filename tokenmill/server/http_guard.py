@@ -3,8 +3,10 @@
 * ``RequestBodyMiddleware`` (ASGI): reads a request's body before the app sees it, at most
   ``max_body_bytes`` of it (413; a Content-Length over the limit is refused before reading)
   and within ``read_timeout`` seconds of the request head (408), then hands the app the
-  whole body at once. Both answers close the connection, since the rest of the body may
-  still be on its way.
+  whole body at once. Both answers close the connection. Before a 413 the rest of the body
+  is read and thrown away (at most ``MAX_DISCARD_BYTES``, within the read time-out): a
+  client such as httpx sends its whole body before it reads the answer, and a connection
+  closed with unread data in it is reset, which throws away the answer too.
 * ``JSONBodyRoute`` (the routes' class): a route that takes a body requires
   ``Content-Type: application/json`` (415) and parses the body with
   ``json_bounds.parse_json_body`` (400 for what JSON or Unicode do not allow, or what
@@ -18,13 +20,18 @@
   connection) is closed. Idle kept-alive connections keep uvicorn's own
   ``--timeout-keep-alive``. A request that arrives while more than ``max_connections``
   connections are open gets a 503 in OpenAI's shape and its connection is closed (uvicorn's
-  own ``limit_concurrency`` answers in plain text).
+  own ``limit_concurrency`` answers in plain text). A client that stops reading its response
+  (a stream it never reads: the socket's buffers fill, the transport pauses writing) for
+  more than ``stall_timeout`` seconds is dropped: its connection is aborted, which the app
+  sees as a disconnect, so its request is aborted and its KV blocks freed. Without this, a
+  stream's writer would wait on that client forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.message
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -42,8 +49,12 @@ from tokenmill.server.errors import (
 )
 from tokenmill.server.json_bounds import parse_json_body
 
+logger = logging.getLogger("tokenmill.server")
+
 # bodies above this are parsed in a worker thread (a few ms of the event loop below it)
 _PARSE_INLINE_BYTES = 64 * 1024
+# the most of a too-large body read and thrown away so that its client can read the 413
+MAX_DISCARD_BYTES = 64 * 1024 * 1024
 
 
 async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
@@ -78,28 +89,50 @@ class RequestBodyMiddleware:
         if not has_body:
             await self.app(scope, receive, send)
             return
-        if length is not None and length > self.max_body_bytes:
-            await _refuse(request_too_large(self.max_body_bytes), scope, receive, send)
-            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.read_timeout
+
+        async def next_message() -> Message | None:
+            """The next body message, None once the client left; TimeoutError past the
+            deadline."""
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            return None if message["type"] == "http.disconnect" else message
+
+        async def too_large(more: bool) -> None:
+            """Reads the rest of the body (bounded; see the module doc), then answers 413."""
+            discarded = 0
+            while more and discarded <= MAX_DISCARD_BYTES:
+                try:
+                    message = await next_message()
+                except TimeoutError:
+                    break
+                if message is None:
+                    return  # nobody is left to answer
+                discarded += len(message.get("body", b""))
+                more = message.get("more_body", False)
+            await _refuse(request_too_large(self.max_body_bytes), scope, receive, send)
+
+        if length is not None and length > self.max_body_bytes:
+            await too_large(length <= MAX_DISCARD_BYTES)
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await next_message()
             except TimeoutError:
                 await _refuse(request_timeout(self.read_timeout), scope, receive, send)
                 return
-            if message["type"] == "http.disconnect":
+            if message is None:
                 return  # the client left while sending
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > self.max_body_bytes:
-                await _refuse(request_too_large(self.max_body_bytes), scope, receive, send)
+                await too_large(more)
                 return
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 break
         body = b"".join(chunks)
         delivered = False
@@ -160,9 +193,11 @@ def _too_many_connections(max_connections: int) -> APIError:
                     code="too_many_connections")
 
 
-def guarded_h11_protocol(read_timeout: float, max_connections: int) -> type:
-    """uvicorn's ``H11Protocol`` with a time-out on the request head and a connection cap
-    (see the module doc); pass it as ``uvicorn.Config(http=...)``."""
+def guarded_h11_protocol(read_timeout: float, max_connections: int,
+                         stall_timeout: float | None = None) -> type:
+    """uvicorn's ``H11Protocol`` with a time-out on the request head, a connection cap and
+    (unless ``stall_timeout`` is None) a bound on how long a response may wait for its
+    client to read (see the module doc); pass it as ``uvicorn.Config(http=...)``."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -177,7 +212,22 @@ def guarded_h11_protocol(read_timeout: float, max_connections: int) -> type:
                 if scope["type"] == "http" and len(connections) > max_connections:
                     await _refuse(_too_many_connections(max_connections), scope, receive, send)
                     return
-                await app(scope, receive, send)
+                if stall_timeout is None or scope["type"] != "http":
+                    await app(scope, receive, send)
+                    return
+
+                async def unstalled_send(message: Message) -> None:
+                    # uvicorn's send waits while the transport's write buffer is full;
+                    # here that wait is bounded
+                    if self.flow.write_paused and not self.transport.is_closing():
+                        try:
+                            await asyncio.wait_for(self.flow.drain(), stall_timeout)
+                        except TimeoutError:
+                            self._drop_stalled()
+                            return
+                    await send(message)
+
+                await app(scope, receive, unstalled_send)
 
             self.app = capped
 
@@ -189,6 +239,16 @@ def guarded_h11_protocol(read_timeout: float, max_connections: int) -> type:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
+
+        def _drop_stalled(self) -> None:
+            """The client has not read for ``stall_timeout`` seconds: abort (not close,
+            which would wait for the full buffer to drain). uvicorn reports the lost
+            connection to the app as a disconnect."""
+            if not self.transport.is_closing():
+                logger.warning("dropping a client that stopped reading its response for "
+                               "%g s (--stream-stall-timeout): %s", stall_timeout,
+                               self.client)
+                self.transport.abort()
 
         def _head_pending(self) -> bool:
             return self.conn.their_state is h11.IDLE

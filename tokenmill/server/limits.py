@@ -5,7 +5,9 @@ error shape naming what is wrong (never a 500, never Python's own exception text
 
 1. the connection (``http_guard``): a request head must arrive within
    ``--request-read-timeout`` seconds, the body too (408), and the body may not exceed
-   ``--max-request-body-bytes`` (413); ``--max-connections`` caps open connections;
+   ``--max-request-body-bytes`` (413); ``--max-connections`` caps open connections; a
+   client that stops reading its response for ``--stream-stall-timeout`` seconds is
+   dropped (its request aborted);
 2. the JSON body (``http_guard``): ``Content-Type: application/json`` (415), a JSON object,
    no ``NaN``/``Infinity`` (nor numbers that overflow to them), no lone surrogates in any
    string, at most ``MAX_JSON_DEPTH`` levels of nesting (400 naming the field);
@@ -40,7 +42,8 @@ from tokenmill.sampling_params import MAX_WHITESPACE_LIMIT as MAX_WHITESPACE
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS", "DEFAULT_MAX_QUEUED_SEQUENCES", "DEFAULT_MAX_REQUEST_BODY_BYTES",
-    "DEFAULT_REQUEST_READ_TIMEOUT_S", "INT32_MAX", "INT64_MAX", "INT64_MIN", "MAX_CHOICES",
+    "DEFAULT_REQUEST_READ_TIMEOUT_S", "DEFAULT_STREAM_STALL_TIMEOUT_S", "INT32_MAX",
+    "INT64_MAX", "INT64_MIN", "MAX_CHOICES",
     "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_LOGIT_BIAS", "MAX_LOGPROBS", "MAX_N",
     "MAX_NAME_CHARS", "MAX_PRIORITY", "MAX_PROMPTS", "MAX_STOP", "MAX_STOP_CHARS",
     "MAX_STOP_TOKEN_IDS", "MAX_TEMPLATE_KWARGS_DEPTH", "MAX_TOOLS", "MAX_TOOL_CALLS",
@@ -64,6 +67,7 @@ METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_REQUEST_READ_TIMEOUT_S = 30.0
 DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_STREAM_STALL_TIMEOUT_S = 30.0  # a client that reads nothing this long is dropped
 DEFAULT_MAX_QUEUED_SEQUENCES = 1024
 
 
