@@ -74,6 +74,10 @@ _ERROR_RESPONSES = {
     ("post", "/tokenize"): _BODY_ERRORS,
     ("post", "/detokenize"): _BODY_ERRORS,
     ("get", "/v1/models/{model_id}"): {"404": "unknown model name"},
+    ("post", "/v1/responses"): {**_BODY_ERRORS, "404": "unknown model name or "
+                                "previous_response_id", "429": "queue full, retry later"},
+    ("get", "/v1/responses/{response_id}"): {"404": "unknown, deleted or expired response"},
+    ("delete", "/v1/responses/{response_id}"): {"404": "unknown, deleted or expired response"},
 }
 _ERROR_SCHEMA = {
     "type": "object", "required": ["error"], "title": "ErrorResponse",

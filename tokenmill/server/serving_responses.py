@@ -300,23 +300,28 @@ class _EventWriter:
         return frames
 
     def reasoning(self, delta: str) -> list[str]:
-        if not delta:
-            return []
-        frames = [] if self.open_kind == "reasoning" else self._open(
-            "reasoning", ReasoningItem(id=_new_id("rs"), status="in_progress", content=[]))
-        self.open_text += delta
-        frames.append(self.emit("response.reasoning_text.delta", content_index=0,
-                                delta=delta, **self._where()))
-        return frames
+        return self._piece("reasoning", delta)
 
     def text(self, delta: str) -> list[str]:
+        return self._piece("message", delta)
+
+    def _piece(self, kind: str, delta: str) -> list[str]:
+        """Reasoning or answer text: into the open item of that kind, or a new one."""
         if not delta:
             return []
-        frames = [] if self.open_kind == "message" else self._open(
-            "message", OutputMessage(id=_new_id("msg"), status="in_progress", content=[]))
+        frames: list[str] = []
+        if self.open_kind != kind:
+            item = (ReasoningItem(id=_new_id("rs"), status="in_progress", content=[])
+                    if kind == "reasoning" else
+                    OutputMessage(id=_new_id("msg"), status="in_progress", content=[]))
+            frames = self._open(kind, item)
         self.open_text += delta
-        frames.append(self.emit("response.output_text.delta", content_index=0, delta=delta,
-                                logprobs=[], **self._where()))
+        if kind == "reasoning":
+            frames.append(self.emit("response.reasoning_text.delta", content_index=0,
+                                    delta=delta, **self._where()))
+        else:
+            frames.append(self.emit("response.output_text.delta", content_index=0,
+                                    delta=delta, logprobs=[], **self._where()))
         return frames
 
     def call(self, call_id: str | None, name: str | None, arguments: str | None) -> list[str]:
