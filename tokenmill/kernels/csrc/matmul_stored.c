@@ -88,7 +88,8 @@ void tm_stored_block(int qtype, int *weights, int *bytes) {
 static const int8_t kvalues_iq4[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                        1,    13,   25,  38,  53,  69,  89,  113};
 
-/* Integers used signed (dot products by the sign trick); the others are unsigned. */
+/* Integers used signed (dot products by the sign trick); the others are unsigned. (Q6_K's
+ * are signed, q - 32; its AVX2 kernel takes them unsigned and subtracts 32 y.) */
 TM_INLINE int is_signed(int qt) {
     return qt == TM_Q3_K || qt == TM_Q6_K || qt == TM_IQ4_NL || qt == TM_IQ4_XS;
 }
@@ -290,8 +291,11 @@ void tm_stored_decode_row(int qtype, const uint8_t *w, int64_t K, int64_t n, flo
 #if TM_AVX2
 /* 16 bytes of nibbles -> 32 bytes: the low halves, then the high halves. */
 TM_INLINE __m256i nibbles(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
+    /* the 16 bytes in both halves, the upper half shifted right by 4 (per 32 bits: no bits
+     * cross into a byte that keeps them, after the mask) */
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi32(raw, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                            _mm256_set1_epi8(0x0F));
 }
 
 /* 32 bits -> 32 bytes, 0xFF where the bit is set. */
@@ -338,9 +342,9 @@ TM_INLINE __m256i sub_ints_avx2(int qt, const uint8_t *blk, int j) {
         const int h = j / 4, t = j % 4;
         const __m256i ql = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32 * (t % 2)));
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
-        const __m256i q = _mm256_or_si256(field(ql, 4 * (t / 2), 0x0F),
-                                          _mm256_slli_epi16(field(qh, 2 * t, 3), 4));
-        return _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+        /* 0..63: the dot product takes q - 32 as q y - 32 y (see stored_tile) */
+        return _mm256_or_si256(field(ql, 4 * (t / 2), 0x0F),
+                               _mm256_slli_epi16(field(qh, 2 * t, 3), 4));
     }
     case TM_Q3_K: {
         const __m256i qs = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * (j / 4)));
@@ -411,8 +415,20 @@ TM_INLINE void group_vectors(int qt, const uint8_t *row, int64_t g, __m256 *a8, 
         *a8 = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(rd16(blk))), _mm256_cvtepi32_ps(sc));
         return;
     }
-    group_factors(qt, row, g, 8, f);  /* Q2_K, Q3_K, Q6_K: A = d */
+    if (qt == TM_Q6_K) {  /* A = d; the int8 scales per 16 are read by scales16_q6k */
+        *a8 = _mm256_set1_ps(f16_to_f32(rd16(blk + 208)));
+        return;
+    }
+    group_factors(qt, row, g, 8, f);  /* Q2_K, Q3_K: A = d */
     *a8 = _mm256_set1_ps(f->A[0]);
+}
+
+/* Q6_K's scales of sub-block j (int8, per 16 weights) as pair16 gives them: scale 2j in
+ * the int16 lanes 0-7, 2j + 1 in lanes 8-15; sc: the block's 16 scales. */
+TM_INLINE __m256i scales16_q6k(__m128i sc, int j) {
+    const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (2 * j + 1),
+                                        0x0101010101010101LL * (2 * j));
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, pick));
 }
 
 /* Two int16 values per sub-block of 32: a in lanes 0-7 (weights 0-15), b in 8-15. */
@@ -459,8 +475,11 @@ TM_INLINE void stored_tile(int qt, int ROWS, const uint8_t *row, int64_t nb, con
             int jj = 0;
             const uint8_t *blk = sub_block(qt, row, g, j, &jj);
             const __m256i q = sub_ints_avx2(qt, blk, jj);
-            const __m256i qa = is_signed(qt) ? _mm256_abs_epi8(q) : q;
-            const __m256i s16 = has_scales16(qt) ? pair16(f.sc16[2 * j], f.sc16[2 * j + 1]) : ones;
+            const int sign_trick = is_signed(qt) && qt != TM_Q6_K;
+            const __m256i qa = sign_trick ? _mm256_abs_epi8(q) : q;
+            const __m256i s16 =
+                qt == TM_Q6_K ? scales16_q6k(_mm_loadu_si128((const __m128i *)(blk + 192)), j)
+                : has_scales16(qt) ? pair16(f.sc16[2 * j], f.sc16[2 * j + 1]) : ones;
             __m256i mv = _mm256_setzero_si256();
             if (qt == TM_Q2_K)
                 mv = _mm256_set_m128i(_mm_set1_epi8((char)f.mn16[2 * j + 1]),
@@ -473,8 +492,11 @@ TM_INLINE void stored_tile(int qt, int ROWS, const uint8_t *row, int64_t nb, con
                     off[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&mc[r][j]), _mm256_cvtepi32_ps(J),
                                              off[r]);
                 }
-                if (is_signed(qt)) yv = _mm256_sign_epi8(yv, q);
-                const __m256i I = _mm256_madd_epi16(_mm256_maddubs_epi16(qa, yv), s16);
+                if (sign_trick) yv = _mm256_sign_epi8(yv, q);
+                __m256i p16 = _mm256_maddubs_epi16(qa, yv);
+                if (qt == TM_Q6_K)  /* (q - 32) y, exactly: |q y| <= 63 * 127 per byte */
+                    p16 = _mm256_sub_epi16(p16, _mm256_maddubs_epi16(_mm256_set1_epi8(32), yv));
+                const __m256i I = _mm256_madd_epi16(p16, s16);
                 const __m256 p = _mm256_cvtepi32_ps(I), s = _mm256_broadcast_ss(&sc[r][j]);
                 if (j & 1)
                     odd[r] = _mm256_fmadd_ps(s, p, odd[r]);
