@@ -69,7 +69,7 @@ def _stream(text: str, cuts: list[int], mode) -> tuple[str, str]:
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(_PIECES, max_size=14).map("".join),
-       st.lists(st.integers(0, 80), max_size=12),
+       st.lists(st.integers(0, 40), max_size=12),
        st.sampled_from(["outside", "inside", "off"]))
 def test_streamed_pieces_add_up_to_the_split(text, cuts, mode):
     whole = split_reasoning(text, True, mode)
