@@ -202,6 +202,7 @@ def test_responses_reasoning_items(servers):
     assert [item.type for item in r.output] == ["reasoning", "message"], r.output
     thoughts = r.output[0].content[0].text
     assert thoughts and r.output[0].content[0].type == "reasoning_text"
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
     jsonschema.validate(json.loads(r.output_text), COLOR)
 
     with client.responses.stream(**body) as stream:
@@ -215,6 +216,7 @@ def test_responses_reasoning_items(servers):
     assert "".join(e.delta for e in events
                    if e.type == "response.reasoning_text.delta") == thoughts
     assert final.output_text == r.output_text
+    assert final.usage.output_tokens_details == r.usage.output_tokens_details
     assert [item.type for item in final.output] == ["reasoning", "message"]
 
     # the reasoning comes back as input: accepted, and not shown to the model again

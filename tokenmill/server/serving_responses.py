@@ -181,7 +181,8 @@ class ResponsesHandler:
                                      name=call.function.name,
                                      arguments=call.function.arguments, status=status)
                   for call in reply.calls]
-        return json_response(self._finish(req, started, items, out))
+        return json_response(self._finish(req, started, items, out,
+                                          await self._reasoning_tokens(items)))
 
     def _shell(self, req: ResponsesRequest) -> ResponseObject:
         fmt = req.text.format if req.text is not None and req.text.format else None
@@ -200,8 +201,18 @@ class ResponsesHandler:
             tools=[t.model_dump(exclude_none=True) for t in req.tools or []],
             metadata=req.metadata or {}, user=req.user)
 
+    async def _reasoning_tokens(self, items: list[OutputItem]) -> int:
+        """Tokens of the reasoning text (re-tokenized, off the event loop: the count the
+        model spent on thoughts, give or take the tags)."""
+        text = "".join(part.text for item in items if isinstance(item, ReasoningItem)
+                       for part in item.content)
+        if not text:
+            return 0
+        tok = self.chat.ctx.tokenizer
+        return len(await self.chat.ctx.off_loop(tok.encode, text, False))
+
     def _finish(self, req: ResponsesRequest, started: _Started, items: list[OutputItem],
-                out: RequestOutput) -> ResponseObject:
+                out: RequestOutput, reasoning_tokens: int) -> ResponseObject:
         """The finished response (stored if asked)."""
         reason = out.outputs[0].finish_reason
         u = usage([out])
@@ -215,7 +226,9 @@ class ResponsesHandler:
                     cached_tokens=u.prompt_tokens_details.cached_tokens
                     if u.prompt_tokens_details else 0),
                 output_tokens=u.completion_tokens,
-                output_tokens_details=OutputTokensDetails(), total_tokens=u.total_tokens)))
+                output_tokens_details=OutputTokensDetails(
+                    reasoning_tokens=min(reasoning_tokens, u.completion_tokens)),
+                total_tokens=u.total_tokens)))
         if req.store:
             self.store.put(response.model_dump(mode="json"),
                            started.history + output_messages(items))
@@ -248,7 +261,8 @@ class ResponsesHandler:
         status = _status(last.outputs[0].finish_reason)
         for frame in events.close(status, ensure_message=True):
             yield frame
-        response = self._finish(req, started, events.items, last)
+        response = self._finish(req, started, events.items, last,
+                                await self._reasoning_tokens(events.items))
         kind = "response.incomplete" if response.status == "incomplete" else "response.completed"
         yield events.emit(kind, response=response.model_dump(mode="json"))
 
