@@ -26,7 +26,7 @@ import openai
 import pytest
 
 from tests.conftest import default_gguf_path
-from tests.server.fixture import Server, post, running_server, sse_payloads
+from tests.server.fixture import Server, parallel, post, running_server, sse_payloads
 from tokenmill.server.constraints import Constraint, ToolSetup
 from tokenmill.server.serving_chat import reasoning_setup
 from tokenmill.structured import StructuredOutputsParams
@@ -74,11 +74,11 @@ def chat(server: Server, **body) -> tuple[dict, dict, str]:
     """(message, choice, stream body) of a chat request sent streamed and not; checks that
     the streamed deltas add up to the message and the finish reasons agree."""
     body = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 40, **body}
-    r = post(server, "/v1/chat/completions", body)
+    r, s = parallel(lambda: post(server, "/v1/chat/completions", body),  # batched together
+                    lambda: post(server, "/v1/chat/completions", {**body, "stream": True}))
     assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    s = post(server, "/v1/chat/completions", {**body, "stream": True})
     assert s.status_code == 200, s.text
+    choice = r.json()["choices"][0]
     streamed: dict = {"reasoning_content": "", "content": "", "tool_calls": {}}
     reason = None
     for payload in sse_payloads(s.text)[:-1]:
