@@ -65,10 +65,18 @@ def teacher_forced(path: str, quantization: str) -> tuple[torch.Tensor, torch.Te
     first; the KV cache in float32 so that only the weights differ."""
     llm = LLM(path, skip_tokenizer_init=True, quantization=quantization,
               kv_cache_memory="16MiB", kv_cache_dtype="float32", show_progress=False)
-    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=1,
+    return prompt_top1_and_logprobs(llm, PROMPTS)
+
+
+def prompt_top1_and_logprobs(llm: LLM, prompts: list[list[int]]
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced, from ``prompt_logprobs``: the top-1 token at every prompt position
+    after the first, and the logprob of the prompt's own token there (also used by
+    benchmarks/hf_quantize_at_load.py)."""
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1,
                                                 prompt_logprobs=1), use_tqdm=False)
     top, logprob = [], []
-    for out, prompt in zip(outs, PROMPTS, strict=True):
+    for out, prompt in zip(outs, prompts, strict=True):
         for pos, entry in enumerate(out.prompt_logprobs[1:], start=1):
             top.append(next(t for t, lp in entry.items() if lp.rank == 1))
             logprob.append(entry[prompt[pos]].logprob)
