@@ -42,3 +42,12 @@ def test_streamed_reply_adds_up_to_the_whole_reply(text, cuts, mode, tools):
         (c.function.name, c.function.arguments) for c in whole.calls]
     if mode == "off":
         assert whole.reasoning is None
+
+
+def test_a_call_inside_the_thoughts_is_not_a_call():
+    call = '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    reply = final_reply(f"<think>maybe {call}?</think>No call.", ReplySetup(TOOLS, "outside"))
+    assert reply.calls == [] and reply.content == "No call."
+    assert reply.reasoning == f"maybe {call}?"
+    after = final_reply(f"<think>ok</think>{call}", ReplySetup(TOOLS, "outside"))
+    assert [c.function.name for c in after.calls] == ["f"] and after.content is None
