@@ -221,7 +221,7 @@ async def _json_schema(c, rng, cfg):
 @kind("regex", "normal", 4)
 async def _regex(c, rng, cfg):
     body = completion_body(rng, cfg, structured_outputs={
-        "regex": "[a-z]{1,8}( [a-z]{1,8}){0,3}\\."})
+        "regex": "[a-z ]{1,35}\\."})  # a repeated group with a space is refused (cost)
     return await send(c, cfg, "regex", "normal", "/v1/completions", dumps(body))
 
 
