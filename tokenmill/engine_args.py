@@ -86,14 +86,15 @@ class EngineArgs:
             meta = f.metadata
             if not meta["on_cli"]:
                 continue
+            text = meta["help"].replace("%", "%%")  # argparse %-formats help strings
             if meta["cli"]:  # a negating flag for a True-by-default bool
                 group.add_argument(meta["cli"], dest=f.name, action="store_false",
-                                   default=f.default, help=meta["help"])
+                                   default=f.default, help=text)
                 continue
             kind = int if f.type in ("int", "int | None") else str
             group.add_argument(cls.flag_name(f.name), dest=f.name, type=kind,
                                default=f.default, choices=meta["choices"],
-                               help=f"{meta['help']} (default: {cls._shown(f)})")
+                               help=f"{text} (default: {cls._shown(f)})")
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:

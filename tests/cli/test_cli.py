@@ -24,7 +24,7 @@ def test_generate_streams_text_and_logs_the_kv_cache():
                   "--temperature", "0", "--max-tokens", "24", "--kv-cache-memory", "128MiB")
     assert r.returncode == 0, r.stderr
     assert "Berlin" in r.stdout
-    assert "KV cache:" in r.stderr and "requests of full context" in r.stderr
+    assert "KV pool:" in r.stderr and "requests of max_model_len" in r.stderr
 
 
 def test_chat_keeps_the_conversation():

@@ -55,3 +55,18 @@ def test_import_layers_contract_holds():
     assert exe is not None, "import-linter (a test dependency) is not installed"
     out = subprocess.run([exe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+def test_every_command_prints_its_help():
+    """argparse %-formats help strings: a help text with a bare % (say "50% of")
+    crashes ``--help`` of every command that takes the engine flags."""
+    from tokenmill.cli import build_parser
+
+    parser = build_parser()
+    commands = [[], ["generate"], ["chat"], ["serve"], ["bench"], ["bench", "serve"],
+                ["bench", "throughput"], ["bench", "latency"]]
+    for argv in commands:
+        try:
+            parser.parse_args([*argv, "--help"])
+        except SystemExit as e:
+            assert e.code == 0, argv

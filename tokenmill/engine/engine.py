@@ -46,14 +46,6 @@ class Request:
     sequences: list[Sequence]
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 class Engine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
@@ -74,11 +66,6 @@ class Engine:
         self._ids = itertools.count()
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size)
         self._compiling: list[Sequence] = []  # queued sequences whose grammar is not ready
-        tokens = num_blocks * cc.block_size
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%s); %.1f requests of full "
-                    "context (%d tokens) fit", num_blocks, cc.block_size, tokens,
-                    _format_bytes(self.runner.kv_cache_bytes), tokens / self.max_model_len,
-                    self.max_model_len)
 
     @staticmethod
     def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:
