@@ -65,16 +65,28 @@ def test_block_pool_refcounts():
 
 def test_block_pool_counts_blocks_ever_used():
     """The resident share of a lazily mapped pool: blocks handed out at least once."""
-    pool = BlockPool(6)
+    cached = {1}
+    pool = BlockPool(6, is_cached=cached.__contains__)
     assert pool.num_touched_blocks == 0
     a = pool.allocate(2)
+    assert a == [0, 1]
     pool.free(a)
     assert pool.num_touched_blocks == 2
-    b = pool.allocate(5)  # never-used blocks first (the prefix cache keeps the freed ones)
-    assert pool.num_touched_blocks == 6 and a[0] in b
+    # the used block holding nothing cached first, then never-used ones, the cached last
+    b = pool.allocate(5)
+    assert b == [0, 2, 3, 4, 5] and pool.num_touched_blocks == 6
+    pool.check_integrity()
     pool.free(b)
-    pool.allocate(6)
+    assert pool.allocate(6) == [5, 4, 3, 2, 0, 1]  # spare ones most recent first
     assert pool.num_touched_blocks == 6
+
+
+def test_block_pool_without_a_cache_reuses_before_touching_new_blocks():
+    pool = BlockPool(8)
+    for _ in range(5):
+        pool.free(pool.allocate(3))
+    assert pool.num_touched_blocks == 3  # RSS stays at what was in use at once
+    pool.check_integrity()
 
 
 def test_chunked_prefill_mixes_with_decodes():

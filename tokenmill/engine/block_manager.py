@@ -10,9 +10,16 @@ With prefix caching, a block whose ref count drops to 0 keeps its contents and s
 findable through the prefix tree while it waits in the free list; the free list is in
 least-recently-freed order, so the pool reuses (and the tree evicts) the coldest first.
 
-Invariant: every block is either in the free list (ref count 0; maybe cached, then
-evictable) or referenced by at least one request (ref count > 0), never both.
-``check_integrity()`` verifies it, with the tree's own invariants.
+Which free block is handed out next, in order: (1) a used block that holds nothing
+cached (a request's partial last block, or any block without prefix caching), most
+recently freed first; (2) a block never used before; (3) the least recently freed cached
+block, evicted from the tree. On CPU the pool is mapped lazily and a block's pages become
+resident when first written, so (1) before (2) keeps RSS at what the cache and the
+running requests hold, and (2) before (3) lets the prefix cache use the whole pool.
+
+Invariant: every block is either free (ref count 0; in exactly one of the three free
+lists; maybe cached, then evictable) or referenced by at least one request (ref count
+> 0), never both. ``check_integrity()`` verifies it, with the tree's own invariants.
 """
 
 from __future__ import annotations
@@ -28,38 +35,50 @@ logger = logging.getLogger("tokenmill")
 
 
 class BlockPool:
-    """Fixed-size blocks with reference counts and an LRU-ordered free list."""
+    """Fixed-size blocks with reference counts and three free lists (see the module
+    docstring for the order they are used in)."""
 
     def __init__(self, num_blocks: int,
-                 on_reuse: Callable[[int], None] | None = None) -> None:
+                 on_reuse: Callable[[int], None] | None = None,
+                 is_cached: Callable[[int], bool] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}.")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._spare: OrderedDict[int, None] = OrderedDict()  # used, nothing cached
+        self._fresh: list[int] = list(range(num_blocks - 1, -1, -1))  # never used; pop()
+        # used and cached when freed (LRU first; evicting a block evicts the blocks
+        # cached below it too, so a few here may no longer be cached: still reusable)
+        self._free: OrderedDict[int, None] = OrderedDict()
         self._on_reuse = on_reuse  # told when a free (maybe cached) block is handed out
+        self._is_cached = is_cached  # None: no prefix cache, nothing is ever cached
         # blocks handed out at least once: on CPU the pool's pages become resident only
         # when first written, so this is the share of the pool that RSS holds
-        self._ever_used = bytearray(num_blocks)
         self.num_touched_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._spare) + len(self._fresh) + len(self._free)
+
+    def _take(self) -> int:
+        if self._spare:
+            return self._spare.popitem(last=True)[0]
+        if self._fresh:
+            self.num_touched_blocks += 1
+            return self._fresh.pop()
+        b, _ = self._free.popitem(last=False)
+        if self._on_reuse is not None:
+            self._on_reuse(b)
+        return b
 
     def allocate(self, n: int) -> list[int]:
-        """Takes the ``n`` least recently freed blocks (ref count 1 each). The caller
+        """Takes ``n`` free blocks (ref count 1 each) in the module's order. The caller
         checks capacity first."""
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} blocks with {len(self._free)} free")
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"asked for {n} blocks with {self.num_free_blocks} free")
         blocks = []
         for _ in range(n):
-            b, _ = self._free.popitem(last=False)
-            if self._on_reuse is not None:
-                self._on_reuse(b)
-            if not self._ever_used[b]:
-                self._ever_used[b] = 1
-                self.num_touched_blocks += 1
+            b = self._take()
             self.ref_counts[b] = 1
             blocks.append(b)
         return blocks
@@ -80,13 +99,17 @@ class BlockPool:
                 raise RuntimeError(f"block {b} freed while not referenced")
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self._free[b] = None
+                if self._is_cached is not None and self._is_cached(b):
+                    self._free[b] = None
+                else:
+                    self._spare[b] = None
 
     def check_integrity(self) -> None:
+        fresh = set(self._fresh)
         for b, rc in enumerate(self.ref_counts):
-            if rc < 0 or (rc == 0) != (b in self._free):
-                raise AssertionError(f"block {b}: ref count {rc}, in free list: "
-                                     f"{b in self._free}")
+            lists = (b in self._spare) + (b in fresh) + (b in self._free)
+            if rc < 0 or lists > 1 or (rc == 0) != (lists == 1):
+                raise AssertionError(f"block {b}: ref count {rc}, in {lists} free lists")
 
 
 class BlockManager:
@@ -97,8 +120,9 @@ class BlockManager:
                  enable_prefix_caching: bool = False) -> None:
         self.block_size = block_size
         self.prefix_cache = PrefixCache(block_size) if enable_prefix_caching else None
-        self.pool = BlockPool(num_blocks, None if self.prefix_cache is None
-                              else self.prefix_cache.evict)
+        pc = self.prefix_cache
+        self.pool = BlockPool(num_blocks, None if pc is None else pc.evict,
+                              None if pc is None else pc.block_to_node.__contains__)
         self.num_queried_tokens = 0  # prompt tokens looked up in the cache
         self.num_hit_tokens = 0      # of which found
 
