@@ -70,6 +70,19 @@ def default_gguf_path() -> str | None:
     return files[0] if files else None
 
 
+def transformers_from_gguf(path: str):
+    """``transformers`` loading a GGUF (every tensor dequantized, float32), set up for
+    greedy runs of a fixed length: no EOS stop, pad id 0."""
+    import transformers as tf
+
+    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                 gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
 def random_prompts(n: int, vocab: int, seed: int = 0, min_len: int = 1,
                    max_len: int = 60) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)

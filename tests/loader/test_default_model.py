@@ -6,12 +6,10 @@ on real text."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from tests.conftest import default_gguf_path
+from tests.conftest import default_gguf_path, transformers_from_gguf
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu import kernels
 
@@ -44,8 +42,6 @@ def test_default_model_is_the_embedded_gguf(llm):
 
 
 def test_greedy_matches_transformers_on_the_gguf(dense_llm):
-    import transformers as tf
-
     llm = dense_llm
     tok = llm.get_tokenizer()
     chat = tok.apply_chat_template([{"role": "user", "content": "Name three colors."}])
@@ -54,11 +50,7 @@ def test_greedy_matches_transformers_on_the_gguf(dense_llm):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(GGUF),
-                                                 gguf_file=os.path.basename(GGUF),
-                                                 dtype=torch.float32)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
+    hf = transformers_from_gguf(GGUF)
     for p, mine in zip(prompts, ours, strict=True):
         out = hf.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32,
                           do_sample=False)

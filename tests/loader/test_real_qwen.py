@@ -21,6 +21,7 @@ import os
 import pytest
 import torch
 
+from tests.conftest import transformers_from_gguf
 from tokenmill import LLM, SamplingParams
 from tokenmill.kernels.cpu import kernels
 from tokenmill.loader import pypi_models
@@ -65,15 +66,9 @@ def greedy(llm, prompts, logprobs=5):
 
 
 def test_float32_path_matches_transformers_on_the_gguf(gguf, dense_llm, prompts):
-    import transformers as tf
-
     assert dense_llm.engine.runner.model.lm_head.packed is None
     ours = greedy(dense_llm, prompts)
-    hf = tf.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf),
-                                                 gguf_file=os.path.basename(gguf),
-                                                 dtype=torch.float32)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
+    hf = transformers_from_gguf(gguf)
     for p, mine in zip(prompts, ours, strict=True):
         out = hf.generate(torch.tensor([p]), max_new_tokens=NUM_TOKENS,
                           min_new_tokens=NUM_TOKENS, do_sample=False, output_logits=True,
