@@ -181,3 +181,44 @@ def test_gemma3_gguf_tokenizer_is_sentencepiece_bpe():
     turn = tok.encode("<start_of_turn>user\nHi<end_of_turn>\n")
     assert turn[:2] == [tok.bos_token_id, tok.token_to_id("<start_of_turn>")]
     assert tok.token_to_id("<end_of_turn>") in turn
+
+
+def _fake_sdist(folder, members: dict[str, bytes]):
+    """A .tar.gz laid out like the sdist, holding ``members`` (path below the sdist root)."""
+    import io
+    import tarfile
+
+    path = folder / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"llama_cpp_python-0.3.36/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_vocab_recipe_extracts_only_vocab_files_and_checks_the_sdist(tmp_path, monkeypatch):
+    from tokenmill.loader import pypi_models
+
+    models = "vendor/llama.cpp/models/"
+    members = {models + "ggml-vocab-x.gguf": b"gguf", models + "ggml-vocab-x.gguf.inp": b"a",
+               models + "ggml-vocab-x.gguf.out": b"1\n", models + "other.txt": b"no",
+               "vendor/llama.cpp/src/llama-vocab.cpp": b"no"}
+    sdist = _fake_sdist(tmp_path, members)
+    downloads = []
+
+    def download(dest):
+        downloads.append(dest)
+        return sdist
+
+    monkeypatch.setenv("TOKENMILL_MODELS", str(tmp_path / "cache"))
+    monkeypatch.setattr(llama_cpp_vocabs, "_download_sdist", download)
+    with pytest.raises(pypi_models.ModelChecksumError):  # not the pinned archive
+        llama_cpp_vocabs.vocab_dir()
+    assert not (tmp_path / "cache" / "llama-cpp-vocabs-0.3.36").exists()
+    monkeypatch.setattr(llama_cpp_vocabs, "SDIST_SHA256", pypi_models.sha256_file(sdist))
+    folder = llama_cpp_vocabs.vocab_dir()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "ggml-vocab-x.gguf", "ggml-vocab-x.gguf.inp", "ggml-vocab-x.gguf.out"]
+    assert llama_cpp_vocabs.vocab_dir() == folder and len(downloads) == 2  # cached now
+    assert llama_cpp_vocabs.read_vocab_test(folder, "x").cases == (("a", (1,)),)
