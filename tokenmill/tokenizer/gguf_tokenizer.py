@@ -3,22 +3,27 @@
 A GGUF file carries no ``tokenizer.json``; llama.cpp stores the tokenizer as metadata instead:
 
 * ``tokenizer.ggml.model``: the algorithm. ``"gpt2"`` is byte-level BPE (GPT-2, Llama 3, Qwen2,
-  SmolLM, ...); ``"llama"`` is SentencePiece-style BPE with per-token scores (Llama 2, Mistral v1).
+  SmolLM, ...); ``"llama"`` is SentencePiece-style BPE with per-token scores (Llama 2, Mistral v1,
+  Phi-3, Gemma 3); ``"gemma4"`` is SentencePiece-style BPE with stored merges; ``"bert"`` is
+  WordPiece (``gguf_wordpiece``). Any other model (``"t5"`` Unigram, ``"rwkv"``, ...) is refused
+  with ``UnsupportedTokenizerError``.
 * ``tokenizer.ggml.tokens`` (the vocabulary, index = id), ``tokenizer.ggml.merges`` (BPE merge
   rules ``"left right"`` in priority order), ``tokenizer.ggml.scores`` (SentencePiece scores).
 * ``tokenizer.ggml.token_type`` per token: 1 normal, 2 unknown, 3 control, 4 user-defined,
   5 unused, 6 byte. Control (and unknown) tokens become *special* added tokens: matched whole in
   the input and dropped by ``decode(skip_special_tokens=True)``. User-defined tokens become
   non-special added tokens (matched whole, always decoded).
-* ``tokenizer.ggml.pre``: names the pre-tokenizer, i.e. the regex that cuts text into words
+* ``tokenizer.ggml.pre``: names the pre-tokenizer, i.e. the regexes that cut text into words
   before BPE runs inside each word. BPE merges were learned on words cut this way, so picking
-  the wrong regex silently changes token ids.
+  the wrong regex silently changes token ids: an unknown name is refused, not guessed.
 * special ids (``bos_token_id``, ``eos_token_id``, ``eot_token_id``, ...), ``add_bos_token``,
   ``add_space_prefix`` and ``tokenizer.chat_template``.
 
-From these we assemble a ``tokenizers.Tokenizer`` equivalent to the model's original HF tokenizer
-(the same construction transformers' GGUF integration performs). If the file embeds the original
-``tokenizer.huggingface.json`` we use that directly.
+From these we assemble a ``tokenizers.Tokenizer`` equivalent to the model's original HF tokenizer,
+following llama.cpp where transformers' GGUF integration differs (SentencePiece's "▁" before a
+text that starts with a space or follows a special token; SmolLM's digit splitting). If the
+file embeds the original ``tokenizer.huggingface.json`` we use that directly. llama.cpp's own
+vocabulary tests check every supported kind (tests/tokenizer/test_llama_cpp_vocabs.py).
 
 Metadata is parsed by ``tokenmill.gguf.reader.read_gguf_metadata``, the same fast reader
 the weight loader uses (``gguf.GGUFReader`` needs ~6 s for a 49k-token vocabulary).
