@@ -24,12 +24,11 @@ from tokenmill.tokenizer.gguf_tokenizer import (
 
 SUPPORTED = (
     "bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4", "gpt-2",
-    "llama-bpe", "llama-spm", "phi-3", "qwen2", "qwen35", "refact", "starcoder",
+    "llama-bpe", "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder",
 )
-# (tokenizer.ggml.model, tokenizer.ggml.pre) the error must name
-UNSUPPORTED = {"mpt": ("gpt2", "mpt")}
-# vocabularies in the sdist without test lines that must be refused too
-UNSUPPORTED_UNTESTED = {"nomic-bert-moe": ("t5", "default")}
+# (tokenizer.ggml.model, tokenizer.ggml.pre) the error must name; the sdist's vocabularies
+# with test lines are all supported, so these are the sdist's Unigram one and made-up ones
+UNSUPPORTED = {"nomic-bert-moe": ("t5", "default")}
 # WordPiece lowercases and drops accents and spacing: its ids do not decode to the text.
 NO_ROUND_TRIP = {"bert-bge"}
 
@@ -48,7 +47,7 @@ def _load(vocabs, name: str):
 
 
 def test_every_vocab_in_the_sdist_is_classified(vocabs):
-    assert set(llama_cpp_vocabs.list_vocabs(vocabs)) == set(SUPPORTED) | set(UNSUPPORTED)
+    assert set(llama_cpp_vocabs.list_vocabs(vocabs)) == set(SUPPORTED)
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
@@ -82,15 +81,20 @@ def _streamed(tok, ids) -> str:
     return "".join(pieces) + detok.text(finished=True)[len(seen):]
 
 
-@pytest.mark.parametrize("name", sorted({**UNSUPPORTED, **UNSUPPORTED_UNTESTED}))
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
 def test_unsupported_vocab_is_refused_by_name(vocabs, name):
-    model, pre = {**UNSUPPORTED, **UNSUPPORTED_UNTESTED}[name]
+    model, pre = UNSUPPORTED[name]
     meta = read_gguf_metadata(str(vocabs / f"ggml-vocab-{name}.gguf"))
     with pytest.raises(UnsupportedTokenizerError) as err:
         tokenizer_from_gguf_metadata(meta)
-    assert repr(model) in str(err.value)
-    if pre is not None:
-        assert repr(pre) in str(err.value)
+    assert repr(model) in str(err.value) and repr(pre) in str(err.value)
+
+
+def test_unknown_pre_tokenizer_is_refused_by_name(vocabs):
+    meta = dict(read_gguf_metadata(str(vocabs / "ggml-vocab-gpt-2.gguf")))
+    meta["tokenizer.ggml.pre"] = "some-new-model"
+    with pytest.raises(UnsupportedTokenizerError, match="'some-new-model'.*'gpt2'"):
+        tokenizer_from_gguf_metadata(meta)
 
 
 def test_wordpiece_wraps_text_in_cls_and_sep(vocabs):

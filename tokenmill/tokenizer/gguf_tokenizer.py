@@ -70,7 +70,7 @@ _SPLIT_CHAINS: dict[str, tuple[str, ...]] = {
     "qwen2": (_QWEN2_SPLIT,), "deepseek-r1-qwen": (_QWEN2_SPLIT,), "megrez": (_QWEN2_SPLIT,),
     "qwen35": (_QWEN35_SPLIT,),
     "default": (_GPT2_SPLIT,), "gpt2": (_GPT2_SPLIT,), "gpt-2": (_GPT2_SPLIT,),
-    "olmo": (_GPT2_SPLIT,), "jais": (_GPT2_SPLIT,),
+    "mpt": (_GPT2_SPLIT,), "olmo": (_GPT2_SPLIT,), "jais": (_GPT2_SPLIT,),
     # individual digits first (SmolLM, StarCoder, Command-R, ...)
     **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
                      "minerva"), (r"\p{N}", _GPT2_SPLIT)),
@@ -156,12 +156,19 @@ def _build_byte_level_bpe(meta: Mapping[str, Any], tokens: list[str]) -> HFToken
 
     Tokens are stored spelled in GPT-2's byte alphabet (``"Ġthe"`` for ``" the"``). A few
     converters store some tokens as raw text instead; those are re-spelled byte by byte so the
-    merges can find them.
+    merges can find them. User-defined tokens in raw text (GPT-NeoX's runs of spaces ``"   "``)
+    are kept as they are: they are added tokens, matched whole in the text before BPE runs.
     """
     spell = _bytes_to_unicode()
     alphabet = set(spell.values())
+    types = meta.get("tokenizer.ggml.token_type") or []
+    raw_user = {
+        tok for tok, kind in zip(tokens, types, strict=False)
+        if kind == TokenType.USER_DEFINED and not set(tok) <= alphabet
+    }
     vocab = {
-        tok if set(tok) <= alphabet else "".join(spell[b] for b in tok.encode("utf-8")): i
+        tok if set(tok) <= alphabet or tok in raw_user
+        else "".join(spell[b] for b in tok.encode("utf-8")): i
         for i, tok in enumerate(tokens)
     }
     merges = _parse_merges(meta.get("tokenizer.ggml.merges", []))
@@ -183,9 +190,11 @@ def _build_byte_level_bpe(meta: Mapping[str, Any], tokens: list[str]) -> HFToken
     backend.normalizer = normalizer
     backend.pre_tokenizer = pre_tok
     backend.decoder = decoders.ByteLevel()
-    # Control/user-defined tokens spelled outside the byte alphabet are mislabelled ordinary
-    # tokens (adding them would create new ids), so only whole-alphabet ones are added.
-    _add_typed_tokens(backend, meta, tokens, lambda tok: tok in vocab and set(tok) <= alphabet)
+    # Control tokens spelled outside the byte alphabet are mislabelled ordinary tokens (adding
+    # them would create new ids), so only whole-alphabet ones and raw user-defined are added.
+    _add_typed_tokens(
+        backend, meta, tokens,
+        lambda tok: tok in vocab and (set(tok) <= alphabet or tok in raw_user))
     return backend
 
 
