@@ -31,7 +31,6 @@ the weight loader uses (``gguf.GGUFReader`` needs ~6 s for a 49k-token vocabular
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,8 +43,6 @@ from tokenmill.tokenizer.gguf_wordpiece import build_wordpiece
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["UnsupportedTokenizerError", "load_gguf_tokenizer", "tokenizer_from_gguf_metadata"]
-
-logger = logging.getLogger(__name__)
 
 # Pre-tokenizer regexes, keyed by `tokenizer.ggml.pre` (llama.cpp's names for them).
 _LLAMA3_SPLIT = (
