@@ -240,7 +240,8 @@ def _build_sentencepiece_bpe(
         raise ValueError("GGUF 'llama' tokenizer has neither merges nor scores; cannot build BPE")
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None else None
-    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    # llama.cpp's defaults: "llama" vocabularies prefix a space unless told not to, gemma4 not
+    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not split_newlines))
     backend = HFTokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
                    ignore_merges=split_newlines)
