@@ -196,13 +196,15 @@ _MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 def _moe_from_hf(arch: str, hf: dict[str, Any]) -> MoEConfig | None:
     if arch not in _MOE_ARCHS:
         return None
+    only = set(hf.get("mlp_only_layers") or ())
     if arch == "MixtralForCausalLM":
         return MoEConfig(num_experts=int(hf["num_local_experts"]),
                          top_k=int(hf["num_experts_per_tok"]),
-                         intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)
+                         intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
+                         dense_layers=tuple(sorted(only)))
     if hf.get("clip_qkv") is not None:
         raise ValueError("clip_qkv (OLMoE) is not supported.")
-    step, only = int(hf.get("decoder_sparse_step") or 1), set(hf.get("mlp_only_layers") or ())
+    step = int(hf.get("decoder_sparse_step") or 1)
     shared = int(hf.get("shared_expert_intermediate_size") or 0)
     return MoEConfig(
         num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),

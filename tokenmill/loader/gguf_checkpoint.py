@@ -181,19 +181,20 @@ def _hf_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]],
         "rope_scaling": rope_scaling,
         "torch_dtype": "float32",
     }
-    config.update(_more_config(header, arch, rope_factors or {}))
+    config.update(_more_config(header, arch, shapes, rope_factors or {}))
     for ours in ("bos", "eos", "pad", "unk"):
         if f"tokenizer.ggml.{ours}_token_id" in meta:
             config[f"{ours}_token_id"] = int(meta[f"tokenizer.ggml.{ours}_token_id"])
     return normalize_hf_config(config)
 
 
-def _more_config(header: GGUFFile, arch: str, rope_factors: dict[str, torch.Tensor]
-                 ) -> dict[str, Any]:
+def _more_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]],
+                 rope_factors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The config keys of Phi-3, SmolLM3 and the Mixture-of-Experts families: the expert
-    counts and sizes; whether top-k probabilities are renormalized (llama.cpp's choice
-    for the arch unless ``{arch}.expert_weights_norm`` says); Phi-3's longrope from its
-    factor tensors; SmolLM3's rope-less every fourth layer (llama.cpp's fixed step)."""
+    counts and sizes; the layers without a router (a plain MLP); whether top-k
+    probabilities are renormalized (llama.cpp's choice for the arch unless
+    ``{arch}.expert_weights_norm`` says); Phi-3's longrope from its factor tensors;
+    SmolLM3's rope-less every fourth layer (llama.cpp's fixed step)."""
     meta, out = header.metadata, {}
     experts = int(meta.get(f"{arch}.expert_count") or 0)
     if experts:
@@ -201,6 +202,8 @@ def _more_config(header: GGUFFile, arch: str, rope_factors: dict[str, torch.Tens
         if used is None:
             raise ValueError(f"{header.path} lacks metadata key '{arch}.expert_used_count'.")
         out["num_experts_per_tok"] = int(used)
+        out["mlp_only_layers"] = [i for i in range(int(meta[f"{arch}.block_count"]))
+                                  if f"model.layers.{i}.mlp.gate.weight" not in shapes]
     if arch == "llama" and experts:
         out.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
                    num_local_experts=experts)
