@@ -62,8 +62,17 @@ def _moe_config(name: str):
     return tf.OlmoeConfig(**TINY, num_experts=4, norm_topk_prob=False, **moe)
 
 
+def _smollm3_config():
+    """Four layers: the fourth has no rope (llama.cpp's fixed step of 4)."""
+    import transformers as tf
+
+    return tf.SmolLM3Config(**{**TINY, "num_hidden_layers": 4}, no_rope_layer_interval=4,
+                            pad_token_id=0)
+
+
 CONFIGS = {
     "phi3": _phi3_config,
+    "smollm3": _smollm3_config,
     **{name: (lambda name=name: _moe_config(name))
        for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")},
 }
@@ -132,7 +141,7 @@ def test_longrope_tables_match_transformers():
         torch.testing.assert_close(ours.sin[positions], sin[0, :, :half])
 
 
-@pytest.mark.parametrize("arch", [a for a in CONFIGS if a != "smollm3"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
 def test_gguf_matches_transformers(arch, folder, tmp_path):
     """The same weights written as a float32 GGUF in llama.cpp's layout (merged expert
     tensors, Phi-3's fused matrices and longrope factor tensors, Mixtral as a permuted
@@ -180,3 +189,26 @@ def test_quantized_moe_agrees_with_its_dequantized_weights(folder, tmp_path):
     ref_top, ref_lp = teacher_forced(path, "none")
     assert (top == ref_top).float().mean().item() >= 0.92
     assert (lp - ref_lp).abs().mean().item() < 0.04
+
+
+@pytest.mark.skipif(kernels() is None, reason="needs the CPU kernels")
+@pytest.mark.parametrize("arch", ["phi3", "smollm3"])
+def test_one_call_decode_step_equals_the_python_layers(arch, folder):
+    """Packed (q8_0) Phi-3 and SmolLM3 decode through the one-call C step, which reads
+    their rotary tables (longrope's scaled one; the identity of the rope-less layers):
+    the same tokens and logprobs as the Python layers."""
+    path, _ = folder(arch)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
+    outs = []
+    for use_c in (True, False):
+        llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory="8MiB", quantization="q8_0",
+                  show_progress=False)
+        model = llm.engine.runner.model
+        if not use_c:
+            model._decode_path = False
+        outs.append(llm.generate(PROMPTS, params, use_tqdm=False))
+        assert bool(model._decode_path) == use_c
+    for a, b in zip(*outs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{t: lp.logprob for t, lp in e.items()} for e in a.outputs[0].logprobs] == [
+            {t: lp.logprob for t, lp in e.items()} for e in b.outputs[0].logprobs]
