@@ -3,12 +3,13 @@ OLMoE) against transformers on the same tiny random weights, in float32.
 
 Each architecture is a tiny model built from its transformers config class and saved as
 a Hugging Face folder. Our engine runs a batch of prompts of mixed lengths with a token
-budget smaller than the longest prompt (so prefills are chunked); its greedy tokens must
-equal transformers' and its top-5 logprobs lie within 1e-3 of transformers' at every
-generated position (transformers runs one prompt at a time). Phi-3 and two MoE families
-also load from a GGUF file written from the same weights, in llama.cpp's layout, and must
-give the same tokens. A MoE quantized at load (q8_0) must agree with float32 running its
-dequantized weights (see ``test_quantized_moe_agrees_with_its_dequantized_weights``).
+budget smaller than the longest prompt (so prefills are chunked) and, from the folder, a
+KV pool too small for all of them (so some are preempted); its greedy tokens must equal
+transformers' and its top-5 logprobs lie within 1e-3 of transformers' at every generated
+position (transformers runs one prompt at a time). Every architecture also loads from a
+GGUF file written from the same weights in llama.cpp's layout and must match the same
+reference. A MoE quantized at load (q8_0) must agree with float32 running its dequantized
+weights (bounds in ``test_quantized_moe_agrees_with_its_dequantized_weights``).
 """
 
 from __future__ import annotations
@@ -97,11 +98,18 @@ def folder(tmp_path_factory):
     return make
 
 
-def run_ours(path: str, **kw) -> list:
-    llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory="8MiB",
-              max_num_batched_tokens=24, show_progress=False, **kw)
+def run_ours(path: str, preempt: bool = False, **kw) -> list:
+    """Our greedy run of PROMPTS, all at once with a token budget below the longest
+    prompt (chunked prefill); with ``preempt``, a KV pool too small for all of them
+    (6 blocks of 16 tokens for the 2-layer models, 3 for SmolLM3's 4 layers; they need
+    11), so that some are preempted and recomputed."""
+    kv = "48KiB" if preempt else "8MiB"
+    llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory=kv, max_num_batched_tokens=24,
+              show_progress=False, **kw)
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
-    return llm.generate(PROMPTS, params, use_tqdm=False)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert not preempt or llm.engine.scheduler.num_preemptions > 0
+    return outs
 
 
 def assert_matches(ours: list, expected: list, atol: float = LOGPROB_ATOL) -> None:
@@ -118,7 +126,7 @@ def assert_matches(ours: list, expected: list, atol: float = LOGPROB_ATOL) -> No
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_hf_folder_matches_transformers(arch, folder):
     path, expected = folder(arch)
-    assert_matches(run_ours(path), expected)
+    assert_matches(run_ours(path, preempt=True), expected)
 
 
 def test_longrope_tables_match_transformers():
