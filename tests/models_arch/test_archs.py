@@ -14,6 +14,8 @@ weights (bounds in ``test_quantized_moe_agrees_with_its_dequantized_weights``).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -220,3 +222,31 @@ def test_one_call_decode_step_equals_the_python_layers(arch, folder):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         assert [{t: lp.logprob for t, lp in e.items()} for e in a.outputs[0].logprobs] == [
             {t: lp.logprob for t, lp in e.items()} for e in b.outputs[0].logprobs]
+
+
+def test_published_phi3_and_moe_configs_read_as_released():
+    """Config shapes as the released checkpoints write them: Phi-3.5's longrope with the
+    original context at the top level and the old "su" name; the attention factor
+    derived from the two context lengths; partial rotary refused; Qwen2-MoE's shared
+    expert and sparse step."""
+    from tokenmill.config import ModelConfig
+
+    base = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
+    phi = dict(base, architectures=["Phi3ForCausalLM"], max_position_embeddings=131072,
+               original_max_position_embeddings=4096, sliding_window=262144,
+               rope_scaling={"type": "su", "short_factor": [1.0] * 48,
+                             "long_factor": [2.0] * 48})
+    rope = ModelConfig.from_hf(phi).rope
+    assert rope.scaling_type == "longrope" and rope.original_max_position_embeddings == 4096
+    assert abs(rope.attention_factor - (1 + math.log(32) / math.log(4096)) ** 0.5) < 1e-12
+    with pytest.raises(ValueError, match="partial rotary"):
+        ModelConfig.from_hf(dict(phi, partial_rotary_factor=0.75))
+    qwen = dict(base, architectures=["Qwen2MoeForCausalLM"], num_experts=60,
+                num_experts_per_tok=4, moe_intermediate_size=1408,
+                shared_expert_intermediate_size=5632, decoder_sparse_step=2,
+                mlp_only_layers=[1])
+    moe = ModelConfig.from_hf(qwen).moe
+    assert (moe.num_experts, moe.top_k, moe.intermediate_size) == (60, 4, 1408)
+    assert moe.shared_intermediate_size == 5632 and not moe.norm_topk_prob
+    assert set(moe.dense_layers) == {*range(0, 32, 2), 1}  # layers 1, 3, ... sparse but 1

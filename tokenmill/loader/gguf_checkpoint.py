@@ -232,6 +232,11 @@ def _more_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]]
                 meta[f"{arch}.rope.scaling.attn_factor"])
     if arch == "smollm3":
         out["no_rope_layer_interval"] = 4
+    rope_dims = meta.get(f"{arch}.rope.dimension_count")
+    head_dim = meta.get(f"{arch}.attention.key_length") or (
+        meta[f"{arch}.embedding_length"] // meta[f"{arch}.attention.head_count"])
+    if arch == "phi3" and rope_dims is not None and int(rope_dims) != int(head_dim):
+        out["partial_rotary_factor"] = int(rope_dims) / int(head_dim)  # Phi-4-mini: refused
     return out
 
 

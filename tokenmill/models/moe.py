@@ -15,6 +15,8 @@ through the Python layers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from tokenmill.config import ModelConfig
@@ -22,7 +24,7 @@ from tokenmill.distributed import tp_size
 from tokenmill.layers.attention import AttentionBackend
 from tokenmill.layers.fused_moe import FusedMoE
 from tokenmill.layers.norm import RMSNorm
-from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.llama import LlamaForCausalLM, LlamaMLP
 
 
 class FullWidthQKNorm(RMSNorm):
@@ -39,14 +41,17 @@ class MoEForCausalLM(LlamaForCausalLM):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         if cfg.moe is None:
             raise ValueError(f"{cfg.architecture} needs a Mixture-of-Experts config.")
-        super().__init__(cfg, backend)
+        # built with 1-wide dense MLPs, replaced below (no full-size weights allocated
+        # only to be dropped)
+        super().__init__(dataclasses.replace(cfg, intermediate_size=1), backend)
+        self.config = cfg
         self._decode_path = False
         full_width_norm = cfg.architecture == "OlmoeForCausalLM"
         if full_width_norm and tp_size() != 1:
             raise ValueError("OLMoE's q/k norm spans all heads; it runs on one rank only.")
         for i, layer in enumerate(self.model.layers):
-            if i not in cfg.moe.dense_layers:
-                layer.mlp = FusedMoE(cfg.hidden_size, cfg.moe)
+            dense = i in cfg.moe.dense_layers
+            layer.mlp = LlamaMLP(cfg) if dense else FusedMoE(cfg.hidden_size, cfg.moe)
             if full_width_norm:
                 att = layer.self_attn
                 att.q_norm = FullWidthQKNorm(att.num_heads * cfg.head_dim, cfg.rms_norm_eps)
