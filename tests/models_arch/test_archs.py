@@ -250,3 +250,34 @@ def test_published_phi3_and_moe_configs_read_as_released():
     assert (moe.num_experts, moe.top_k, moe.intermediate_size) == (60, 4, 1408)
     assert moe.shared_intermediate_size == 5632 and not moe.norm_topk_prob
     assert set(moe.dense_layers) == {*range(0, 32, 2), 1}  # layers 1, 3, ... sparse but 1
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_moe_runs_each_chosen_expert_once_per_step(norm):
+    """20 tokens, 2 of 8 experts each: every chosen expert runs once, on all of its
+    tokens, an unchosen one not at all; the result equals the per-token sum of its
+    experts' outputs scaled by the routing weights (softmax, top-2, renormalized or not)."""
+    from tokenmill.config import MoEConfig
+    from tokenmill.layers.fused_moe import FusedMoE
+
+    torch.manual_seed(0)
+    moe = FusedMoE(16, MoEConfig(num_experts=8, top_k=2, intermediate_size=8,
+                                 norm_topk_prob=norm, shared_intermediate_size=12))
+    for p in moe.parameters():
+        p.data.normal_(0, 0.5)
+    calls: list[int] = []
+    for i, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda m, args, out, i=i: calls.append(i))
+    x = torch.randn(20, 16)
+    out = moe(x)
+    probs = torch.softmax(x @ moe.gate.weight.T, dim=-1)
+    weights, ids = probs.topk(2, dim=-1)
+    if norm:
+        weights = weights / weights.sum(-1, keepdim=True)
+    assert calls == sorted(set(ids.flatten().tolist()))
+    shared = torch.sigmoid(x @ moe.shared_expert_gate.weight.T) * moe.shared_expert(x)
+    expected = torch.stack([
+        sum(w * moe.experts[e](x[t:t + 1])[0]
+            for w, e in zip(weights[t], ids[t].tolist(), strict=True))
+        for t in range(20)]) + shared
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
