@@ -11,11 +11,13 @@ import os
 import re
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
 from safetensors.numpy import load_file
 
 from tests.loader.test_loader_gguf import llama_cpp_permute, write_gguf
+from tokenmill.gguf.quantize import quantize
+from tokenmill.loader.quantize_at_load import QuantizeAtLoad
 
 # HF architecture -> GGUF general.architecture
 GGUF_ARCH = {"Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "llama",
@@ -41,10 +43,10 @@ EXPERT_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up",
                "down_proj": "down", "w2": "down"}
 
 
-def gguf_from_folder(folder: str, out: str, quantize: bool = False) -> str:
-    """The folder's weights as a GGUF at ``out``: float32, or with ``quantize`` the
-    matrices ``--quantization q8_0`` quantizes (every ``*_proj``/expert matrix and the
-    output head) as Q8_0 blocks."""
+def gguf_from_folder(folder: str, out: str, scheme: str | None = None) -> str:
+    """The folder's weights as a GGUF at ``out``: float32, or with ``scheme`` each
+    matrix in the type ``--quantization <scheme>`` gives it (``QuantizeAtLoad``), as
+    the same blocks."""
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     hf_arch = cfg["architectures"][0]
@@ -53,12 +55,17 @@ def gguf_from_folder(folder: str, out: str, quantize: bool = False) -> str:
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     tensors: dict[str, tuple[np.ndarray, Q]] = {}
     experts: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+    plan = QuantizeAtLoad(scheme or "q8_0", bool(cfg.get("tie_word_embeddings")))
 
-    def put(name: str, w: np.ndarray, matrix: bool) -> None:
-        if quantize and matrix and w.shape[-1] % 32 == 0:
-            tensors[name] = (quants.quantize(w, Q.Q8_0), Q.Q8_0)
-        else:
+    def put(name: str, w: np.ndarray, hf_name: str) -> None:
+        """``w`` (a matrix, or experts' matrices stacked) in ``hf_name``'s type."""
+        qtype = scheme and plan.qtype_for(hf_name, w.shape[-2:]) if w.ndim > 1 else None
+        if qtype is None:
             tensors[name] = (w, Q.F32)
+            return
+        blocks = [quantize(torch.from_numpy(m), qtype).data.numpy() for m in w.reshape(
+            -1, *w.shape[-2:])]
+        tensors[name] = (np.stack(blocks).reshape(*w.shape[:-1], -1), Q(qtype))
 
     for name, w in weights.items():
         w = np.ascontiguousarray(w, dtype=np.float32)
@@ -68,16 +75,17 @@ def gguf_from_folder(folder: str, out: str, quantize: bool = False) -> str:
                 int(m.group(2))] = w
             continue
         if name in GLOBAL:
-            put(GLOBAL[name], w, name == "lm_head.weight")
+            put(GLOBAL[name], w, name)
             continue
         layer, rest, kind = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)",
                                          name).groups()
         if arch in ("llama", "smollm3") and rest in ("self_attn.q_proj", "self_attn.k_proj"):
             w = llama_cpp_permute(w, heads if rest.endswith("q_proj") else kv_heads)
-        put(f"blk.{layer}.{BLOCK[rest]}.{kind}", w, rest.endswith("_proj") and w.ndim == 2)
+        put(f"blk.{layer}.{BLOCK[rest]}.{kind}", w, name)
     for (layer, part), by_expert in experts.items():
         stacked = np.stack([by_expert[e] for e in sorted(by_expert)])
-        put(f"blk.{layer}.ffn_{part}_exps.weight", stacked, True)
+        put(f"blk.{layer}.ffn_{part}_exps.weight", stacked,
+            f"model.layers.{layer}.mlp.experts.0.{part}_proj.weight")
 
     meta = {
         f"{arch}.embedding_length": cfg["hidden_size"],
