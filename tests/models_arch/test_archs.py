@@ -272,7 +272,8 @@ def test_published_phi3_and_moe_configs_read_as_released():
 def test_fused_moe_runs_each_chosen_expert_once_per_step(norm):
     """20 tokens, 2 of 8 experts each: every chosen expert runs once, on all of its
     tokens, an unchosen one not at all; the result equals the per-token sum of its
-    experts' outputs scaled by the routing weights (softmax, top-2, renormalized or not)."""
+    experts' outputs scaled by the routing weights (softmax, top-2, renormalized or not),
+    in a batch and for a token alone."""
     from tokenmill.config import MoEConfig
     from tokenmill.layers.fused_moe import FusedMoE
 
@@ -297,3 +298,5 @@ def test_fused_moe_runs_each_chosen_expert_once_per_step(norm):
             for w, e in zip(weights[t], ids[t].tolist(), strict=True))
         for t in range(20)]) + shared
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for t in (0, 7):  # a lone token (a batch-1 decode) takes the unsorted path
+        torch.testing.assert_close(moe(x[t:t + 1]), expected[t:t + 1], rtol=1e-5, atol=1e-5)

@@ -11,8 +11,9 @@ tokens chose it, and an expert no token chose is not touched. Each expert is a g
 of tokenmill's linear layers, so quantized weights (a GGUF file's, or a float
 checkpoint's under ``--quantization``) stay packed and run on the CPU kernels. Outputs
 are scaled by their routing weights and added into the result in expert order (as
-transformers adds them); Qwen2-MoE then adds its shared expert, scaled by
-sigmoid(``shared_expert_gate(x)``).
+transformers adds them); a lone token (a batch-1 decode step) runs its experts in that
+order directly, skipping the sort and scatter. Qwen2-MoE then adds its shared expert,
+scaled by sigmoid(``shared_expert_gate(x)``).
 """
 
 from __future__ import annotations
@@ -69,6 +70,24 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
+        out = self._one_token(x, weights, ids) if x.shape[0] == 1 else self._grouped(
+            x, weights, ids)
+        if self.shared_expert is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            out = out + shared
+        return out
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                   ) -> torch.Tensor:
+        """A single token (a batch-1 decode step): its experts in expert order, without
+        the sorting and scattering (the same sums in the same order)."""
+        out = torch.zeros_like(x)
+        for e, w in sorted(zip(ids[0].tolist(), weights[0].tolist(), strict=True)):
+            out += self.experts[e](x) * w
+        return out
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                 ) -> torch.Tensor:
         out = torch.zeros_like(x)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
@@ -81,7 +100,4 @@ class FusedMoE(nn.Module):
                 rows = tokens[start:start + n]
                 out.index_add_(0, rows, expert(x[rows]) * scale[start:start + n])
             start += n
-        if self.shared_expert is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-            out = out + shared
         return out
