@@ -81,6 +81,8 @@ def gguf_from_folder(folder: str, out: str, scheme: str | None = None) -> str:
                                          name).groups()
         if arch in ("llama", "smollm3") and rest in ("self_attn.q_proj", "self_attn.k_proj"):
             w = llama_cpp_permute(w, heads if rest.endswith("q_proj") else kv_heads)
+        if BLOCK[rest] == "ffn_gate_inp_shexp":
+            w = w.reshape(-1)  # a vector, as some files store it (the converter: [1, n])
         put(f"blk.{layer}.{BLOCK[rest]}.{kind}", w, name)
     for (layer, part), by_expert in experts.items():
         stacked = np.stack([by_expert[e] for e in sorted(by_expert)])

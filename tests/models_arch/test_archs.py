@@ -175,7 +175,8 @@ def test_gguf_matches_transformers(arch, folder, tmp_path):
 
 
 @pytest.mark.skipif(kernels() is None, reason="needs the CPU kernels")
-@pytest.mark.parametrize(("arch", "scheme"), [("qwen2_moe", "q8_0"), ("wide_qwen3_moe", "q4_k")])
+@pytest.mark.parametrize(("arch", "scheme"), [("qwen2_moe", "q8_0"), ("mixtral", "q8_0"),
+                                            ("wide_qwen3_moe", "q4_k")])
 def test_packed_gguf_experts_equal_quantize_at_load(arch, scheme, folder, tmp_path):
     """A GGUF holding quantized merged expert tensors runs each expert packed from its
     rows of blocks (Q8_0: regrouped at load; Q4_K, in the 256-wide model: read in place

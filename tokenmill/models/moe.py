@@ -16,6 +16,7 @@ through the Python layers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -57,3 +58,16 @@ class MoEForCausalLM(LlamaForCausalLM):
                 att.q_norm = FullWidthQKNorm(att.num_heads * cfg.head_dim, cfg.rms_norm_eps)
                 att.k_norm = FullWidthQKNorm(att.num_kv_heads * cfg.head_dim,
                                              cfg.rms_norm_eps)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return super().load_weights(_shared_gate_as_matrix(weights))
+
+
+def _shared_gate_as_matrix(weights: Iterable[tuple[str, torch.Tensor]]
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Qwen2-MoE's one-output shared-expert gate as a [1, hidden] matrix (some GGUF
+    files store it as a vector)."""
+    for name, tensor in weights:
+        if name.endswith("shared_expert_gate.weight") and len(tensor.shape) == 1:
+            tensor = tensor.reshape(1, -1)
+        yield name, tensor
