@@ -176,12 +176,14 @@ def test_gguf_matches_transformers(arch, folder, tmp_path):
 
 @pytest.mark.skipif(kernels() is None, reason="needs the CPU kernels")
 @pytest.mark.parametrize(("arch", "scheme"), [("qwen2_moe", "q8_0"), ("mixtral", "q8_0"),
-                                            ("wide_qwen3_moe", "q4_k")])
-def test_packed_gguf_experts_equal_quantize_at_load(arch, scheme, folder, tmp_path):
-    """A GGUF holding quantized merged expert tensors runs each expert packed from its
-    rows of blocks (Q8_0: regrouped at load; Q4_K, in the 256-wide model: read in place
-    from the mapped file) and gives what the float folder quantized at load gives: the
-    same blocks, so the same tokens and logprobs."""
+                                            ("wide_qwen3_moe", "q4_k"), ("phi3", "q8_0"),
+                                            ("smollm3", "q8_0")])
+def test_packed_gguf_equals_quantize_at_load(arch, scheme, folder, tmp_path):
+    """A quantized GGUF runs packed and gives what the float folder quantized at load
+    gives: the same blocks, so the same tokens and logprobs. For the MoEs each expert is
+    packed from its rows of the merged tensor (Q8_0: regrouped at load; Q4_K, in the
+    256-wide model: read in place from the mapped file); Phi-3's fused attn_qkv and
+    ffn_up are cut by rows of blocks; SmolLM3's Q/K blocks are un-permuted."""
     path, _ = folder(arch)
     gguf = gguf_from_folder(path, str(tmp_path / "q.gguf"), scheme)
     ours, theirs = run_ours(gguf), run_ours(path, quantization=scheme)
@@ -192,10 +194,11 @@ def test_packed_gguf_experts_equal_quantize_at_load(arch, scheme, folder, tmp_pa
             assert all(abs(x[t].logprob - y[t].logprob) < 1e-5 for t in x)
     model = LLM(gguf, skip_tokenizer_init=True, kv_cache_memory="4MiB",
                 show_progress=False).engine.runner.model
-    experts = model.model.layers[1].mlp.experts
+    mlp = model.model.layers[1].mlp
     qtype = {"q8_0": 8, "q4_k": 12}[scheme]
     assert all(e.gate_up_proj.packed.qtype == qtype and e.down_proj.packed.qtype == qtype
-               for e in experts)
+               for e in getattr(mlp, "experts", [mlp]))
+    assert model.model.layers[1].self_attn.qkv_proj.packed.qtype == qtype
 
 
 @pytest.mark.skipif(kernels() is None, reason="needs the CPU kernels")
