@@ -14,7 +14,9 @@ weights (bounds in ``test_quantized_moe_agrees_with_its_dequantized_weights``).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -113,14 +115,22 @@ def folder(tmp_path_factory):
 def run_ours(path: str, preempt: bool = False, **kw) -> list:
     """Our greedy run of PROMPTS, all at once with a token budget below the longest
     prompt (chunked prefill); with ``preempt``, a KV pool too small for all of them
-    (6 blocks of 16 tokens for the 2-layer models, 3 for SmolLM3's 4 layers; they need
-    11), so that some are preempted and recomputed."""
-    kv = "48KiB" if preempt else "8MiB"
+    (6 blocks of 16 tokens; they need 11), so that some are preempted and recomputed,
+    then a second run of the same prompts that starts from what the prefix cache kept."""
+    kv = "8MiB"
+    if preempt:  # 8 KiB per block and layer (2 K/V heads of 16, float32, 16 tokens)
+        with open(os.path.join(path, "config.json")) as f:
+            kv = f"{48 * json.load(f)['num_hidden_layers'] // 2}KiB"
     llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory=kv, max_num_batched_tokens=24,
               show_progress=False, **kw)
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
-    assert not preempt or llm.engine.scheduler.num_preemptions > 0
+    if preempt:
+        assert llm.engine.scheduler.num_preemptions > 0
+        # again, now from the prefix cache where it kept blocks: the same tokens
+        again = llm.generate(PROMPTS, params, use_tqdm=False)
+        assert llm.engine.block_manager.num_hit_tokens > 0
+        assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
     return outs
 
 
