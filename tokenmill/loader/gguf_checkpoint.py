@@ -15,7 +15,13 @@ translations make a GGUF look like an HF checkpoint:
    row-major HF ``[out, in]``. For ``llama`` files the converter also permuted the rows of
    Q and K (see ``_unpermute_rope``); we undo that.
 4. Llama 3.x rope scaling, which the converter bakes into a ``rope_freqs.weight`` tensor,
-   becomes HF ``rope_scaling`` again (``_llama3_rope_scaling``).
+   becomes HF ``rope_scaling`` again (``_llama3_rope_scaling``); so do Phi-3's longrope
+   factor tensors (``_more_config``).
+
+A Mixture-of-Experts file merges each layer's experts into one 3-D tensor per matrix
+(``ffn_{gate,up,down}_exps``, ``[experts, rows, cols]``); it is yielded as one HF-named
+matrix per expert (``mlp.experts.E.*_proj``), packed ones as row ranges of the mapped
+file (``_expert_slices``).
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # rope_scaling (see _llama3_rope_scaling); attn_rot_embd holds precomputed rope tables in
 # some old files, never used by llama.cpp.
 # rope_factors_{long,short}.weight are Phi-3's longrope factors, turned back into its
-# rope_scaling (_phi3_rope_scaling).
+# rope_scaling (_more_config).
 _SKIPPED = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight"
                       r"|(blk\.\d+\.)?rope_factors_(long|short)\.weight")
 
@@ -233,10 +239,11 @@ def _more_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]]
     if arch == "smollm3":
         out["no_rope_layer_interval"] = 4
     rope_dims = meta.get(f"{arch}.rope.dimension_count")
-    head_dim = meta.get(f"{arch}.attention.key_length") or (
-        meta[f"{arch}.embedding_length"] // meta[f"{arch}.attention.head_count"])
-    if arch == "phi3" and rope_dims is not None and int(rope_dims) != int(head_dim):
-        out["partial_rotary_factor"] = int(rope_dims) / int(head_dim)  # Phi-4-mini: refused
+    if arch == "phi3" and rope_dims is not None:
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or (
+            meta[f"{arch}.embedding_length"] // meta[f"{arch}.attention.head_count"]))
+        if int(rope_dims) != head_dim:  # Phi-4-mini: refused by ModelConfig
+            out["partial_rotary_factor"] = int(rope_dims) / head_dim
     return out
 
 
