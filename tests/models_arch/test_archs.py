@@ -314,3 +314,24 @@ def test_fused_moe_runs_each_chosen_expert_once_per_step(norm):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for t in (0, 7):  # a lone token (a batch-1 decode) takes the unsorted path
         torch.testing.assert_close(moe(x[t:t + 1]), expected[t:t + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(kernels() is None, reason="needs the CPU kernels")
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])
+def test_packed_moe_rows_do_not_depend_on_the_batch(arch, folder):
+    """On packed weights every row's arithmetic is its own (docs/design.md): each prompt
+    run alone (its decode steps take the lone-token expert path) gives exactly the
+    tokens and logprobs it gets in the batch (the grouped path; the float router and
+    shared-expert gate in float64, OLMoE's full-width q/k norm on contiguous rows)."""
+    path, _ = folder(arch)
+    llm = LLM(path, skip_tokenizer_init=True, kv_cache_memory="8MiB", quantization="q8_0",
+              enable_prefix_caching=False, show_progress=False)
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
+
+    def flat(out):
+        comp = out.outputs[0]
+        return comp.token_ids, [{t: lp.logprob for t, lp in e.items()} for e in comp.logprobs]
+
+    batched = [flat(o) for o in llm.generate(PROMPTS, params, use_tqdm=False)]
+    alone = [flat(llm.generate([p], params, use_tqdm=False)[0]) for p in PROMPTS]
+    assert alone == batched

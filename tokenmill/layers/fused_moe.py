@@ -1,9 +1,11 @@
 """The Mixture-of-Experts feed-forward block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
 
-Routing (``FusedMoE.route``), per token: router logits ``gate(x)`` -> softmax over all
-experts (float32) -> the ``top_k`` largest probabilities and their experts -> divided
-by their sum where ``norm_topk_prob``. (Taking the softmax over the top-k logits only,
-as Mixtral's first release did, equals the renormalized form.)
+Routing (``FusedMoE.route``), per token: router logits ``gate(x)`` (a float router
+computed in float64, so that a token's choice never depends on its neighbours in the
+batch: ``_row_stable``) -> softmax over all experts (float32) -> the ``top_k`` largest
+probabilities and their experts -> divided by their sum where ``norm_topk_prob``.
+(Taking the softmax over the top-k logits only, as Mixtral's first release did, equals
+the renormalized form.)
 
 Experts (``FusedMoE.forward``): the (token, expert) pairs are sorted by expert, so each
 expert runs once per step on all of its tokens: its weights are read once however many
@@ -62,7 +64,7 @@ class FusedMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, top_k] float32, expert ids [T, top_k])."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        probs = torch.softmax(_row_stable(self.gate, x).float(), dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -73,7 +75,8 @@ class FusedMoE(nn.Module):
         out = self._one_token(x, weights, ids) if x.shape[0] == 1 else self._grouped(
             x, weights, ids)
         if self.shared_expert is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            gate = _row_stable(self.shared_expert_gate, x)
+            shared = torch.sigmoid(gate) * self.shared_expert(x)
             out = out + shared
         return out
 
@@ -101,3 +104,19 @@ class FusedMoE(nn.Module):
                 out.index_add_(0, rows, expert(x[rows]) * scale[start:start + n])
             start += n
         return out
+
+
+def _row_stable(linear: ReplicatedLinear, x: torch.Tensor) -> torch.Tensor:
+    """A small float linear layer (the router, the shared expert's gate) whose rows do
+    not depend on the batch: a float32 GEMM sums in an order that depends on the row
+    count (BLAS picks its kernel by shape), which could move a token's expert choice
+    with its neighbours; in float64 the sums round to the same float32 value. Packed
+    weights are row-independent already. The float64 copy of the weight is made once
+    (E x H x 8 bytes per layer); the cost is E x H per token, next to the experts'
+    top_k x 3 x I x H."""
+    if linear.packed is not None:
+        return linear(x)
+    w64 = getattr(linear, "weight64", None)
+    if w64 is None or w64.device != x.device:
+        w64 = linear.weight64 = linear.weight.detach().double()
+    return torch.nn.functional.linear(x.double(), w64).to(x.dtype)

@@ -35,7 +35,8 @@ class FullWidthQKNorm(RMSNorm):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if residual is not None:
             raise ValueError("FullWidthQKNorm takes no residual")
-        return super().forward(x.reshape(*x.shape[:-2], -1)).view(x.shape)
+        # contiguous: the fused C norm (rows independent of the batch) takes it
+        return super().forward(x.reshape(*x.shape[:-2], -1).contiguous()).view(x.shape)
 
 
 class MoEForCausalLM(LlamaForCausalLM):
