@@ -6,6 +6,7 @@ translated into that shape by the loader), so the model code knows one conventio
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,6 +113,32 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3 "su"/"longrope"): per-frequency divisors of positions below / from
+    # original_max_position_embeddings, and the factor cos and sin are multiplied by
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
+
+
+def _longrope_from_hf(hf: dict[str, Any], params: dict[str, Any], theta: float) -> RopeConfig:
+    """Phi-3's longrope: ``original_max_position_embeddings`` may sit in the rope
+    parameters or at the config's top level; the attention factor, when not given, is
+    sqrt(1 + ln(s) / ln(original)) with s = max_position_embeddings / original (HF's)."""
+    original = int(params.get("original_max_position_embeddings")
+                   or hf.get("original_max_position_embeddings") or 0)
+    short, long = params.get("short_factor"), params.get("long_factor")
+    if not original or not short or not long or len(short) != len(long):
+        raise ValueError("longrope rope scaling needs short_factor and long_factor of equal "
+                         "length and original_max_position_embeddings.")
+    factor = params.get("factor") or int(hf.get("max_position_embeddings", original)) / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return RopeConfig(theta=theta, scaling_type="longrope", factor=float(factor),
+                      original_max_position_embeddings=original,
+                      short_factor=tuple(float(f) for f in short),
+                      long_factor=tuple(float(f) for f in long),
+                      attention_factor=float(attention))
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
@@ -119,8 +146,14 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     params.update(hf.get("rope_scaling") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not "
+                         "supported.")
+    if kind in ("longrope", "su"):
+        return _longrope_from_hf(hf, params, float(theta))
     if kind not in ("default", "linear", "llama3"):
-        raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3).")
+        raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3, "
+                         "longrope).")
     return RopeConfig(
         theta=float(theta),
         scaling_type=kind,
@@ -130,6 +163,72 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
         original_max_position_embeddings=int(
             params.get("original_max_position_embeddings", 8192)),
     )
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts feed-forward block. Each token's router logits go through a
+    softmax over all experts; the ``top_k`` largest probabilities pick its experts and,
+    where ``norm_topk_prob``, are rescaled to sum to 1 (Mixtral always, Qwen3-MoE's
+    released models; OLMoE and Qwen2-MoE not). The output is the weighted sum of those
+    experts' gated MLPs, plus, where ``shared_intermediate_size``, a shared expert scaled
+    by sigmoid(its own one-output gate) (Qwen2-MoE). ``dense_layers`` use a plain MLP of
+    the model's ``intermediate_size`` (Qwen MoE's ``mlp_only_layers`` and
+    ``decoder_sparse_step``)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    shared_intermediate_size: int = 0
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, num_experts = "
+                             f"{self.num_experts}], got {self.top_k}.")
+
+
+_MOE_ARCHS = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+              "OlmoeForCausalLM")
+
+
+def _moe_from_hf(arch: str, hf: dict[str, Any]) -> MoEConfig | None:
+    if arch not in _MOE_ARCHS:
+        return None
+    only = set(hf.get("mlp_only_layers") or ())
+    if arch == "MixtralForCausalLM":
+        return MoEConfig(num_experts=int(hf["num_local_experts"]),
+                         top_k=int(hf["num_experts_per_tok"]),
+                         intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
+                         dense_layers=tuple(sorted(only)))
+    if hf.get("clip_qkv") is not None:
+        raise ValueError("clip_qkv (OLMoE) is not supported.")
+    step = int(hf.get("decoder_sparse_step") or 1)
+    shared = int(hf.get("shared_expert_intermediate_size") or 0)
+    return MoEConfig(
+        num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
+        top_k=int(hf["num_experts_per_tok"]),
+        intermediate_size=int(hf.get("moe_intermediate_size") or hf["intermediate_size"]),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        shared_intermediate_size=shared if arch == "Qwen2MoeForCausalLM" else 0,
+        dense_layers=tuple(i for i in range(int(hf["num_hidden_layers"]))
+                           if i in only or (i + 1) % step))
+
+
+def _no_rope_layers(arch: str, hf: dict[str, Any]) -> tuple[int, ...]:
+    """SmolLM3's layers without rope: ``no_rope_layers[i] == 0`` (1 means rope is
+    used), else every ``no_rope_layer_interval``-th layer (the 4th, 8th, ...)."""
+    if arch != "SmolLM3ForCausalLM":
+        return ()
+    n = int(hf["num_hidden_layers"])
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = int(hf.get("no_rope_layer_interval") or 4)
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if len(flags) != n:
+        raise ValueError(f"no_rope_layers has {len(flags)} entries for {n} layers.")
+    return tuple(i for i, use_rope in enumerate(flags) if not use_rope)
 
 
 @dataclass(frozen=True)
@@ -153,6 +252,8 @@ class ModelConfig:
     hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    moe: MoEConfig | None = None  # Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE
+    no_rope_layers: tuple[int, ...] = ()  # SmolLM3: layers whose attention has no rope
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -177,11 +278,15 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama-family configs say so with attention_bias.
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qkv_bias=arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+            or bool(hf.get("attention_bias", False)),
+            # OLMoE's q/k norms span all heads at once (tokenmill.models.moe)
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"),
             hidden_act=hf.get("hidden_act", "silu"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            moe=_moe_from_hf(arch, hf),
+            no_rope_layers=_no_rope_layers(arch, hf),
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

@@ -70,3 +70,34 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+class LongRopeEmbedding(RotaryEmbedding):
+    """Phi-3's longrope ("su"): ``inv_freq[i] = 1 / (ext[i] * theta^(2i/d))`` with
+    ``ext = short_factor`` for positions below ``original_max_position_embeddings`` and
+    ``long_factor`` from there on; cos and sin are multiplied by ``attention_factor``
+    (which scales the attention logits by its square).
+
+    transformers switches the whole forward pass to the long factors once the longest
+    position in it passes the original length; here each position takes its own table
+    row, so a token's rotation never depends on what is batched with it. Both agree on
+    every sequence whose prompt fits the original length (decode steps past it use the
+    long factors in both); a prompt longer than that rotates its first positions with the
+    short factors here, with the long ones in transformers (vLLM takes the long table
+    for a whole batch once any position in it is past)."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig) -> None:
+        nn.Module.__init__(self)
+        if 2 * len(rope.short_factor) != head_dim:
+            raise ValueError(f"longrope needs {head_dim // 2} short/long factors, got "
+                             f"{len(rope.short_factor)}.")
+        base = rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        split = min(rope.original_max_position_embeddings, max_positions)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        tables = []
+        for positions, ext in ((t[:split], rope.short_factor), (t[split:], rope.long_factor)):
+            inv_freq = 1.0 / (torch.tensor(ext, dtype=torch.float32) * base)
+            tables.append(torch.outer(positions, inv_freq))
+        freqs = torch.cat(tables)
+        self.register_buffer("cos", freqs.cos() * rope.attention_factor, persistent=False)
+        self.register_buffer("sin", freqs.sin() * rope.attention_factor, persistent=False)

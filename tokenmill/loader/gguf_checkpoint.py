@@ -15,7 +15,13 @@ translations make a GGUF look like an HF checkpoint:
    row-major HF ``[out, in]``. For ``llama`` files the converter also permuted the rows of
    Q and K (see ``_unpermute_rope``); we undo that.
 4. Llama 3.x rope scaling, which the converter bakes into a ``rope_freqs.weight`` tensor,
-   becomes HF ``rope_scaling`` again (``_llama3_rope_scaling``).
+   becomes HF ``rope_scaling`` again (``_llama3_rope_scaling``); so do Phi-3's longrope
+   factor tensors (``_more_config``).
+
+A Mixture-of-Experts file merges each layer's experts into one 3-D tensor per matrix
+(``ffn_{gate,up,down}_exps``, ``[experts, rows, cols]``); it is yielded as one HF-named
+matrix per expert (``mlp.experts.E.*_proj``), packed ones as row ranges of the mapped
+file (``_expert_slices``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,17 @@ from tokenmill.gguf.reader import GGUFFile, GGUFTensorInfo, read_gguf
 from tokenmill.layers.rotary import inverse_frequencies
 from tokenmill.loader.checkpoint import Checkpoint, normalize_hf_config
 
+# Phi-3, SmolLM3 and the Mixture-of-Experts families: general.architecture ->
+# ((HF architectures entry, model_type, Q/K rows permuted?), whether the experts'
+# top-k probabilities are renormalized, as llama.cpp's graph for the arch does).
+# A "llama" file with an expert count is Mixtral (see _more_config).
+_MORE_ARCHITECTURES = {
+    "phi3": (("Phi3ForCausalLM", "phi3", False), None),
+    "smollm3": (("SmolLM3ForCausalLM", "smollm3", True), None),
+    "qwen2moe": (("Qwen2MoeForCausalLM", "qwen2_moe", False), False),
+    "qwen3moe": (("Qwen3MoeForCausalLM", "qwen3_moe", False), True),
+    "olmoe": (("OlmoeForCausalLM", "olmoe", False), False),
+}
 # general.architecture -> (HF architectures entry, model_type, Q/K rows permuted?)
 _ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama", True),
@@ -44,6 +61,7 @@ _ARCHITECTURES = {
     "mistral": ("MistralForCausalLM", "mistral", True),
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+    **{arch: entry for arch, (entry, _) in _MORE_ARCHITECTURES.items()},
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -56,27 +74,47 @@ _BLOCK_NAMES = {
     "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # Phi-3's fused q/k/v (its ffn_up is the fused gate_up: _ARCH_BLOCK_NAMES)
+    "attn_qkv": "self_attn.qkv_proj",
+    # Mixture-of-Experts: the router, the experts' merged 3-D tensors (one expert per
+    # slice of the outer axis, yielded one by one as mlp.experts.E.*: EXPERT below) and
+    # Qwen2-MoE's shared expert with its one-output sigmoid gate
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{expert}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{expert}.up_proj",
+    "ffn_down_exps": "mlp.experts.{expert}.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+_ARCH_BLOCK_NAMES = {"phi3": {"ffn_up": "mlp.gate_up_proj"}}
+EXPERT = "{expert}"
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Not weights: rope_freqs.weight is Llama 3.x rope scaling, turned back into the config's
 # rope_scaling (see _llama3_rope_scaling); attn_rot_embd holds precomputed rope tables in
 # some old files, never used by llama.cpp.
-_SKIPPED = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight")
+# rope_factors_{long,short}.weight are Phi-3's longrope factors, turned back into its
+# rope_scaling (_more_config).
+_SKIPPED = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight"
+                      r"|(blk\.\d+\.)?rope_factors_(long|short)\.weight")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """Map a GGUF tensor name to its HF name; None for tensors we deliberately skip."""
+def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
+    """Map a GGUF tensor name to its HF name; None for tensors we deliberately skip. An
+    expert tensor's name holds ``{expert}`` (``EXPERT``), one name per expert."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if _SKIPPED.fullmatch(gguf_name):
         return None
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m is None or m.group(2) not in _BLOCK_NAMES:
+    names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(arch, {})}
+    if m is None or m.group(2) not in names:
         raise ValueError(
             f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent in tokenmill's "
-            "Llama/Qwen mapping; this model variant is not supported."
+            "mapping; this model variant is not supported."
         )
-    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
 
 
 def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -97,12 +135,14 @@ def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _hf_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]],
-               rope_freqs: torch.Tensor | None = None) -> dict[str, Any]:
+               rope_freqs: torch.Tensor | None = None,
+               rope_factors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Build a ``config.json``-shaped dict from ``{arch}.*`` and ``tokenizer.ggml.*`` keys.
 
     ``shapes`` (HF name -> shape) settles what metadata may omit: biases, tied embeddings,
     and the vocabulary size (the embedding's rows; the token list can be shorter).
-    ``rope_freqs`` is the file's ``rope_freqs.weight`` tensor, if it has one.
+    ``rope_freqs`` is the file's ``rope_freqs.weight`` tensor, if it has one;
+    ``rope_factors`` its ``rope_factors_{long,short}.weight`` (Phi-3), by kind.
     """
     meta = header.metadata
 
@@ -147,10 +187,83 @@ def _hf_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]],
         "rope_scaling": rope_scaling,
         "torch_dtype": "float32",
     }
+    config.update(_more_config(header, arch, shapes, rope_factors or {}))
     for ours in ("bos", "eos", "pad", "unk"):
         if f"tokenizer.ggml.{ours}_token_id" in meta:
             config[f"{ours}_token_id"] = int(meta[f"tokenizer.ggml.{ours}_token_id"])
     return normalize_hf_config(config)
+
+
+def _more_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]],
+                 rope_factors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The config keys of Phi-3, SmolLM3 and the Mixture-of-Experts families: the expert
+    counts and sizes; the layers without a router (a plain MLP); whether top-k
+    probabilities are renormalized (llama.cpp's choice for the arch unless
+    ``{arch}.expert_weights_norm`` says); Phi-3's longrope from its factor tensors;
+    SmolLM3's rope-less every fourth layer (llama.cpp's fixed step)."""
+    meta, out = header.metadata, {}
+    experts = int(meta.get(f"{arch}.expert_count") or 0)
+    if experts:
+        used = meta.get(f"{arch}.expert_used_count")
+        if used is None:
+            raise ValueError(f"{header.path} lacks metadata key '{arch}.expert_used_count'.")
+        out["num_experts_per_tok"] = int(used)
+        out["mlp_only_layers"] = [i for i in range(int(meta[f"{arch}.block_count"]))
+                                  if f"model.layers.{i}.mlp.gate.weight" not in shapes]
+    if arch == "llama" and experts:
+        out.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                   num_local_experts=experts)
+    elif arch in ("qwen2moe", "qwen3moe", "olmoe"):
+        ffn = meta.get(f"{arch}.expert_feed_forward_length",
+                       meta.get(f"{arch}.feed_forward_length"))
+        norm = meta.get(f"{arch}.expert_weights_norm", _MORE_ARCHITECTURES[arch][1])
+        out.update(num_experts=experts, moe_intermediate_size=int(ffn),
+                   norm_topk_prob=bool(norm),
+                   shared_expert_intermediate_size=int(
+                       meta.get(f"{arch}.expert_shared_feed_forward_length") or 0))
+    if arch == "phi3" and rope_factors:
+        if set(rope_factors) != {"long", "short"}:
+            raise ValueError(f"{header.path} has rope_factors_{set(rope_factors).pop()} "
+                             "without its long/short counterpart.")
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
+        if original is None:
+            raise ValueError(f"{header.path} has longrope factors but no "
+                             f"'{arch}.rope.scaling.original_context_length'.")
+        out["rope_scaling"] = {
+            "rope_type": "longrope", "original_max_position_embeddings": int(original),
+            "long_factor": rope_factors["long"].reshape(-1).tolist(),
+            "short_factor": rope_factors["short"].reshape(-1).tolist()}
+        if f"{arch}.rope.scaling.attn_factor" in meta:
+            out["rope_scaling"]["attention_factor"] = float(
+                meta[f"{arch}.rope.scaling.attn_factor"])
+    if arch == "smollm3":
+        out["no_rope_layer_interval"] = 4
+    rope_dims = meta.get(f"{arch}.rope.dimension_count")
+    if arch == "phi3" and rope_dims is not None:
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or (
+            meta[f"{arch}.embedding_length"] // meta[f"{arch}.attention.head_count"]))
+        if int(rope_dims) != head_dim:  # Phi-4-mini: refused by ModelConfig
+            out["partial_rotary_factor"] = int(rope_dims) / head_dim
+    return out
+
+
+def _expert_slices(hf_name: str, info: GGUFTensorInfo, raw: torch.Tensor,
+                   keep_packed) -> Iterator[tuple[str, Any]]:
+    """A merged expert tensor ``[experts, rows, cols]`` as one ``[rows, cols]`` matrix
+    per expert (``hf_name`` with ``{expert}`` filled in): rows of blocks of the mapped
+    file where ``keep_packed`` takes the type, else slices of the dequantized tensor."""
+    n, rows, cols = info.shape  # checked in open_gguf
+    if keep_packed is not None and keep_packed(info.qtype):
+        blocks = raw.view(n * rows, -1)
+        for e in range(n):
+            yield (hf_name.format(expert=e),
+                   QuantizedTensor(int(info.qtype), blocks[e * rows:(e + 1) * rows],
+                                   (rows, cols)))
+        return
+    with _one_thread():
+        tensor = dequantize(raw, info.qtype, info.shape)
+    for e in range(n):
+        yield hf_name.format(expert=e), tensor[e]
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
@@ -267,13 +380,22 @@ def open_gguf(path: str) -> Checkpoint:
     if int(header.metadata.get("split.count", 1)) > 1:
         raise ValueError(f"{path} is one part of a split GGUF; merge the parts first with "
                          "`llama-gguf-split --merge first-part.gguf merged.gguf`.")
-    named = [(hf_tensor_name(t.name), t) for t in header.tensors]
+    named = [(hf_tensor_name(t.name, arch), t) for t in header.tensors]
     named = [(n, t) for n, t in named if n is not None]
+    rope_factors = {t.name.split("rope_factors_")[1].split(".")[0]: _read_tensor(path, t)
+                    for t in header.tensors if "rope_factors_" in t.name}
     _refuse_unrunnable(header, [t for _, t in named])
     data_end = max((t.offset + t.nbytes for t in header.tensors), default=0)
     rope_freqs = next((_read_tensor(path, t) for t in header.tensors
                        if t.name == "rope_freqs.weight"), None)
-    hf_config = _hf_config(header, arch, {n: t.shape for n, t in named}, rope_freqs)
+    hf_config = _hf_config(header, arch, {n: t.shape for n, t in named}, rope_freqs,
+                           rope_factors)
+    experts = int(header.metadata.get(f"{arch}.expert_count") or 0)
+    for n, t in named:
+        if EXPERT in n and (len(t.shape) != 3 or t.shape[0] != experts):
+            raise ValueError(f"{path}: expert tensor {t.name!r} of shape {t.shape} does not "
+                             f"hold '{arch}.expert_count' = {experts} experts; this model "
+                             "variant is not supported.")
     permuted = _ARCHITECTURES[arch][2]
     heads = {"q_proj": hf_config["num_attention_heads"],
              "k_proj": hf_config["num_key_value_heads"]}
@@ -284,6 +406,9 @@ def open_gguf(path: str) -> Checkpoint:
                 raise ValueError(f"{path} is truncated: it became shorter since it was opened.")
             for hf_name, info in named:
                 raw = _map_tensor(f, info)
+                if EXPERT in hf_name:
+                    yield from _expert_slices(hf_name, info, raw, keep_packed)
+                    continue
                 proj = hf_name.split(".")[-2]
                 if (len(info.shape) == 2 and keep_packed is not None
                         and keep_packed(info.qtype)):
@@ -301,5 +426,7 @@ def open_gguf(path: str) -> Checkpoint:
 
     return Checkpoint(
         path=path, format="gguf", hf_config=hf_config,
-        tensor_names=tuple(n for n, _ in named), _read=read,
+        tensor_names=tuple(n.format(expert=e) for n, t in named
+                           for e in (range(t.shape[0]) if EXPERT in n else (0,))),
+        _read=read,
     )

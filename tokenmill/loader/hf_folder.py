@@ -21,19 +21,32 @@ from safetensors import safe_open
 from tokenmill.loader.checkpoint import Checkpoint, normalize_hf_config
 
 INDEX_FILE = "model.safetensors.index.json"
+# Mixtral's names -> those of the other MoE families (and tokenmill's MoE layer), so
+# that every MoE folder reads alike and --quantization finds the experts' *_proj
+# matrices: block_sparse_moe.gate -> mlp.gate, experts.E.w1/w3/w2 -> gate/up/down_proj.
+_MIXTRAL_NAMES = ((".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."),
+                  (".w3.", ".up_proj."), (".w2.", ".down_proj."))
+
+
+def _read_name(name: str) -> str:
+    """The name a checkpoint tensor is read under (Mixtral's renamed, see above)."""
+    if ".block_sparse_moe." in name:
+        for old, new in _MIXTRAL_NAMES:
+            name = name.replace(old, new)
+    return name
 
 
 def open_hf_folder(path: str) -> Checkpoint:
     """Read ``config.json`` and the tensor names of every shard (headers only)."""
     config = _read_config(os.path.join(path, "config.json"))
     shards = _shard_plan(path)
-    names = tuple(name for _, shard_names in shards for name in shard_names)
+    names = tuple(_read_name(name) for _, shard_names in shards for name in shard_names)
 
     def read(keep_packed=None) -> Iterator[tuple[str, torch.Tensor]]:  # nothing is packed
         for file, shard_names in shards:
             with safe_open(file, framework="pt") as f:
                 for name in shard_names:
-                    yield name, f.get_tensor(name)
+                    yield _read_name(name), f.get_tensor(name)
 
     return Checkpoint(
         path=path, format="hf", hf_config=normalize_hf_config(config), tensor_names=names,

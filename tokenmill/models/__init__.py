@@ -7,12 +7,22 @@ from torch import nn
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import AttentionBackend
 from tokenmill.models.llama import LlamaForCausalLM
+from tokenmill.models.moe import MoEForCausalLM
+from tokenmill.models.phi3 import Phi3ForCausalLM
+from tokenmill.models.smollm3 import SmolLM3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,  # full attention: sliding window not applied
     "Qwen2ForCausalLM": LlamaForCausalLM,    # q/k/v biases (ModelConfig.qkv_bias)
     "Qwen3ForCausalLM": LlamaForCausalLM,    # per-head q/k RMSNorm (ModelConfig.qk_norm)
+    "Phi3ForCausalLM": Phi3ForCausalLM,      # fused qkv / gate_up in the checkpoint, longrope
+    "SmolLM3ForCausalLM": SmolLM3ForCausalLM,  # no rope in every 4th layer
+    # Mixture-of-Experts (ModelConfig.moe)
+    "MixtralForCausalLM": MoEForCausalLM,    # full attention: sliding window not applied
+    "Qwen2MoeForCausalLM": MoEForCausalLM,   # + q/k/v biases, a sigmoid-gated shared expert
+    "Qwen3MoeForCausalLM": MoEForCausalLM,   # + per-head q/k RMSNorm
+    "OlmoeForCausalLM": MoEForCausalLM,      # + q/k RMSNorm over all heads
 }
 
 
