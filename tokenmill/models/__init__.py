@@ -6,14 +6,20 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import AttentionBackend
+from tokenmill.models.gemma import GemmaForCausalLM
 from tokenmill.models.llama import LlamaForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,  # full attention: sliding window not applied
+    "MistralForCausalLM": LlamaForCausalLM,  # sliding_window: every layer windowed
     "Qwen2ForCausalLM": LlamaForCausalLM,    # q/k/v biases (ModelConfig.qkv_bias)
     "Qwen3ForCausalLM": LlamaForCausalLM,    # per-head q/k RMSNorm (ModelConfig.qk_norm)
 }
+MODEL_REGISTRY.update({  # sliding-window + global layers, soft-capping, 4 norms a layer
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForConditionalGeneration": GemmaForCausalLM,  # its text model only
+})
 
 
 def build_model(cfg: ModelConfig, backend: AttentionBackend) -> nn.Module:
