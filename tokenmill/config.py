@@ -165,6 +165,59 @@ def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
     )
 
 
+def normalize_text_config(text: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal config's ``text_config``, with the keys a saved one may leave at
+    their defaults filled in (Gemma 3's)."""
+    defaults = {"vocab_size": 262208, "rms_norm_eps": 1e-6, "head_dim": 256,
+                "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+                "max_position_embeddings": 131072, "sliding_window": 4096}
+    return {**defaults, **text}
+
+
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+
+
+def _attention_options(arch: str, hf: dict[str, Any]) -> dict[str, Any]:
+    """The sliding-window, soft-capping and rope-per-layer-kind fields of ``ModelConfig``.
+
+    * Mistral: every layer windowed when ``sliding_window`` is set (as transformers does).
+    * Gemma 2/3: ``layer_types`` (or, in older configs, every ``sliding_window_pattern``-th
+      layer global; Gemma 2 alternates) says which layers are windowed; Gemma 3's windowed
+      layers use ``rope_local_base_freq`` (10k) unscaled, its global ones the config's rope
+      (``rope_parameters`` may hold one dict per layer kind). Attention is scaled by
+      ``query_pre_attn_scalar ** -0.5``; Gemma 2 soft-caps attention and final logits.
+    """
+    n = int(hf["num_hidden_layers"])
+    window = hf.get("sliding_window")
+    if arch == "MistralForCausalLM":
+        return {"layer_windows": (int(window),) * n} if window else {}
+    if arch not in _GEMMA:
+        return {}
+    types = hf.get("layer_types")
+    if not types:
+        pattern = 2 if arch == "Gemma2ForCausalLM" else int(hf.get("sliding_window_pattern", 6))
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                 for i in range(n)]
+    if len(types) != n:
+        raise ValueError(f"layer_types has {len(types)} entries for {n} layers.")
+    out: dict[str, Any] = {
+        "layer_windows": tuple(int(window) if t == "sliding_attention" and window else None
+                               for t in types),
+        "attn_softcap": hf.get("attn_logit_softcapping"),
+        "final_softcap": hf.get("final_logit_softcapping"),
+        "qk_norm": arch != "Gemma2ForCausalLM",
+        "query_scale": float(hf.get("query_pre_attn_scalar") or hf.get("head_dim")
+                             or int(hf["hidden_size"]) // int(hf["num_attention_heads"])) ** -0.5,
+    }
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # one dict per layer kind
+        out["rope"] = _rope_from_hf({"rope_parameters": params["full_attention"]})
+        out["local_rope"] = _rope_from_hf({"rope_parameters": params["sliding_attention"]})
+    elif arch != "Gemma2ForCausalLM":
+        out["local_rope"] = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
+    return out
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """A Mixture-of-Experts feed-forward block. Each token's router logits go through a
@@ -254,6 +307,26 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     moe: MoEConfig | None = None  # Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE
     no_rope_layers: tuple[int, ...] = ()  # SmolLM3: layers whose attention has no rope
+    # Sliding-window attention: per layer, how many of the most recent positions a query
+    # attends to (itself included), None for a layer with full attention; () = none.
+    layer_windows: tuple[int | None, ...] = ()
+    local_rope: RopeConfig | None = None  # rope of the windowed layers, where it differs
+    attn_softcap: float | None = None     # logits -> cap * tanh(logits / cap) (Gemma 2)
+    final_softcap: float | None = None    # the same on the LM head's output
+    query_scale: float | None = None      # attention scale; None: head_dim ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, None for full attention."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    @property
+    def uniform_window(self) -> int | None:
+        """The window when EVERY layer is windowed (Mistral): older KV is never read
+        again by any layer. None when some layer needs the whole history."""
+        ws = self.layer_windows
+        if not ws or any(w is None for w in ws):
+            return None
+        return max(ws)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -261,6 +334,9 @@ class ModelConfig:
         if not archs:
             raise ValueError("config.json has no 'architectures' entry; cannot pick a model.")
         arch = archs[0]
+        if arch == "Gemma3ForConditionalGeneration":  # the text model inside it
+            hf = {**normalize_text_config(hf["text_config"]), "architectures": [arch]}
+        options = _attention_options(arch, hf)
         heads = int(hf["num_attention_heads"])
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
@@ -274,19 +350,21 @@ class ModelConfig:
             num_kv_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(hf),
+            rope=options.pop("rope", None) or _rope_from_hf(hf),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama-family configs say so with attention_bias.
             qkv_bias=arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
             or bool(hf.get("attention_bias", False)),
             # OLMoE's q/k norms span all heads at once (tokenmill.models.moe)
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"),
-            hidden_act=hf.get("hidden_act", "silu"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")
+            or options.pop("qk_norm", False),
+            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "silu"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             moe=_moe_from_hf(arch, hf),
             no_rope_layers=_no_rope_layers(arch, hf),
+            **options,
         )
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:

@@ -48,7 +48,7 @@ def make_step(specs, block_size, num_blocks, seed):
 
 
 def check(module, specs, heads, kv_heads, dim, block_size=16, dtype=torch.float32,
-          device="cpu", splits=None, seed=0, atol=2e-5):
+          device="cpu", splits=None, seed=0, atol=2e-5, window=None):
     num_blocks = 64
     positions, meta = make_step(specs, block_size, num_blocks, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -66,7 +66,7 @@ def check(module, specs, heads, kv_heads, dim, block_size=16, dtype=torch.float3
     scale = dim ** -0.5
 
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    want = TorchSDPABackend().forward(q, k, v, ref_k, ref_v, meta, scale)
+    want = TorchSDPABackend().forward(q, k, v, ref_k, ref_v, meta, scale, window=window)
 
     def on(x):
         return x.to(device)
@@ -78,9 +78,9 @@ def check(module, specs, heads, kv_heads, dim, block_size=16, dtype=torch.float3
     assert torch.equal(kc.cpu(), ref_k) and torch.equal(vc.cpu(), ref_v)
     got = torch.empty_like(q_d)
     if meta.prefills:
-        module.prefill_attention(q_d, kc, vc, got, meta, scale)
+        module.prefill_attention(q_d, kc, vc, got, meta, scale, window)
     if meta.num_decodes:
-        module.decode_attention(q_d, kc, vc, got, meta, scale, splits=splits)
+        module.decode_attention(q_d, kc, vc, got, meta, scale, splits=splits, window=window)
     torch.testing.assert_close(got.cpu().float(), want.float(), atol=atol, rtol=atol)
 
 
@@ -90,6 +90,13 @@ MIXED = [(0, 37), (20, 9), (0, 1), (15, 1), (16, 1), (49, 1), (3, 16)]
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2), (6, 1)])
 def test_mixed_batch_matches_reference(interpreted, heads, kv_heads):
     check(interpreted, MIXED, heads, kv_heads, dim=32)
+
+
+@pytest.mark.parametrize("window,splits", [(5, None), (16, 4), (40, 2)])
+def test_sliding_window_matches_reference(interpreted, window, splits):
+    """Windows shorter than a block, one block, and most of the context: whole blocks
+    skipped, splits over only the reachable blocks, tiles whose rows see disjoint keys."""
+    check(interpreted, MIXED, 4, 2, dim=32, window=window, splits=splits)
 
 
 def test_head_dim_not_a_power_of_two(interpreted):

@@ -15,3 +15,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return k.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x holds [gate | up] side by side; returns gelu(gate, tanh approximation) * up
+    (Gemma's MLP)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -62,6 +62,15 @@ _ARCHITECTURES = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
     "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
     **{arch: entry for arch, (entry, _) in _MORE_ARCHITECTURES.items()},
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", False),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", False),
+}
+_GEMMA_ARCHS = ("gemma2", "gemma3")
+# Gemma's four norms a layer: ffn_norm is the one before the MLP, not after attention
+_GEMMA_BLOCK_NAMES = {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -103,6 +112,10 @@ _SKIPPED = re.compile(r"rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight"
 def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
     """Map a GGUF tensor name to its HF name; None for tensors we deliberately skip. An
     expert tensor's name holds ``{expert}`` (``EXPERT``), one name per expert."""
+    if arch in _GEMMA_ARCHS:
+        m = _BLOCK_RE.fullmatch(gguf_name)
+        if m is not None and m.group(2) in _GEMMA_BLOCK_NAMES:
+            return f"model.layers.{m.group(1)}.{_GEMMA_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     if _SKIPPED.fullmatch(gguf_name):
@@ -191,6 +204,8 @@ def _hf_config(header: GGUFFile, arch: str, shapes: dict[str, tuple[int, ...]],
     for ours in ("bos", "eos", "pad", "unk"):
         if f"tokenizer.ggml.{ours}_token_id" in meta:
             config[f"{ours}_token_id"] = int(meta[f"tokenizer.ggml.{ours}_token_id"])
+    if arch in _GEMMA_ARCHS:
+        config.update(_gemma_config(meta, arch, config))
     return normalize_hf_config(config)
 
 
@@ -264,6 +279,31 @@ def _expert_slices(hf_name: str, info: GGUFTensorInfo, raw: torch.Tensor,
         tensor = dequantize(raw, info.qtype, info.shape)
     for e in range(n):
         yield hf_name.format(expert=e), tensor[e]
+
+
+def _gemma_config(meta: dict[str, Any], arch: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The Gemma 2/3 keys of ``config.json`` from ``{arch}.*`` metadata, as llama.cpp reads
+    them: every 6th layer global for Gemma 3 (local rope base 10k), alternating for
+    Gemma 2; the query scale ``1/sqrt(head_dim)`` except Gemma 3 27B's
+    ``1/sqrt(hidden / heads)`` (62 layers); soft-caps where the file has them."""
+    n, hidden = config["num_hidden_layers"], config["hidden_size"]
+    pattern = int(meta.get(f"{arch}.attention.sliding_window_pattern",
+                           6 if arch == "gemma3" else 2))
+    out: dict[str, Any] = {
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": int(meta.get(f"{arch}.attention.sliding_window", 4096)),
+        "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                        for i in range(n)],
+        "query_pre_attn_scalar": (hidden // config["num_attention_heads"]
+                                  if arch == "gemma3" and n == 62 else config["head_dim"]),
+        "tie_word_embeddings": True,
+    }
+    if arch == "gemma3":
+        out["rope_local_base_freq"] = 10000.0
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if f"{arch}.{key}" in meta:
+            out[key] = float(meta[f"{arch}.{key}"])
+    return out
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str) -> dict[str, Any] | None:
@@ -422,6 +462,8 @@ def open_gguf(path: str) -> Checkpoint:
                     if permuted and proj in heads:
                         tensor = _unpermute_rope(tensor, heads[proj])
                 del raw
+                if arch in _GEMMA_ARCHS and hf_name.endswith("norm.weight"):
+                    tensor = tensor - 1.0  # llama.cpp stored 1 + w; HF's convention is w
                 yield hf_name, tensor
 
     return Checkpoint(

@@ -6,6 +6,7 @@ from torch import nn
 
 from tokenmill.config import ModelConfig
 from tokenmill.layers.attention import AttentionBackend
+from tokenmill.models.gemma import GemmaForCausalLM
 from tokenmill.models.llama import LlamaForCausalLM
 from tokenmill.models.moe import MoEForCausalLM
 from tokenmill.models.phi3 import Phi3ForCausalLM
@@ -13,7 +14,7 @@ from tokenmill.models.smollm3 import SmolLM3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,  # full attention: sliding window not applied
+    "MistralForCausalLM": LlamaForCausalLM,  # sliding_window: every layer windowed
     "Qwen2ForCausalLM": LlamaForCausalLM,    # q/k/v biases (ModelConfig.qkv_bias)
     "Qwen3ForCausalLM": LlamaForCausalLM,    # per-head q/k RMSNorm (ModelConfig.qk_norm)
     "Phi3ForCausalLM": Phi3ForCausalLM,      # fused qkv / gate_up in the checkpoint, longrope
@@ -24,6 +25,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": MoEForCausalLM,   # + per-head q/k RMSNorm
     "OlmoeForCausalLM": MoEForCausalLM,      # + q/k RMSNorm over all heads
 }
+MODEL_REGISTRY.update({  # sliding-window + global layers, soft-capping, 4 norms a layer
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForConditionalGeneration": GemmaForCausalLM,  # its text model only
+})
 
 
 def build_model(cfg: ModelConfig, backend: AttentionBackend) -> nn.Module:

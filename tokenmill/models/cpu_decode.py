@@ -63,7 +63,7 @@ class CPUDecodePath:
     def build(model) -> CPUDecodePath | None:
         """The fast path, if every layer qualifies; else None."""
         cfg = model.config
-        if tp_size() != 1 or cfg.qk_norm:
+        if tp_size() != 1 or cfg.qk_norm or cfg.layer_windows:
             return None
         for layer in model.model.layers:
             att, mlp = layer.self_attn, layer.mlp

@@ -73,6 +73,7 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
+        self.window = cfg.uniform_window  # Mistral's sliding window, the same in every layer
         # one table for all layers (LlamaModel shares it): [max positions, head_dim / 2]
         # cos and sin, 8 MiB for a 32k context of 64-dim heads
         self.rotary = rotary or RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
@@ -99,7 +100,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if not rotated:
             q, k = self.rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale)
+        o = self.backend.forward(q, k, v, kv[0], kv[1], meta, self.scale, window=self.window)
         return self.o_proj(o.reshape(t, q_size))
 
 
@@ -178,35 +179,7 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copies checkpoint tensors (HF names) into our (possibly fused, sharded)
         parameters. Returns the names of the parameters that were filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            target, shard = name, None
-            for part, fused, shard_id in _FUSED:
-                if f".{part}." in name:
-                    target, shard = name.replace(part, fused), shard_id
-                    break
-            if target not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in "
-                                 f"{type(self).__name__} ({self.config.architecture})")
-            param = params[target]
-            loader = getattr(param, "weight_loader", None)
-            if isinstance(tensor, QuantizedTensor):
-                if loader is None:
-                    tensor = tensor.dequantize()
-            else:
-                tensor = tensor.to(param.dtype)
-            if loader is None:
-                param.data.copy_(tensor)
-            elif shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard)
-            loaded.add(target)
+        loaded = load_fused_weights(self, weights)
         if self.config.tie_word_embeddings:  # the LM head reads the embedding's blocks
             self.lm_head.packed = self.model.embed_tokens.packed
         return loaded
@@ -217,3 +190,41 @@ class LlamaForCausalLM(nn.Module):
             names.discard("lm_head.weight")
         return names
 
+
+
+def load_fused_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]
+                       ) -> set[str]:
+    """Copies checkpoint tensors (HF names) into ``model``'s parameters, q/k/v and
+    gate/up into their fused ones (``_FUSED``), through each parameter's ``weight_loader``
+    where it has one. Returns the names of the parameters filled."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    cfg = model.config
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if "rotary_emb.inv_freq" in name:
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        target, shard = name, None
+        for part, fused, shard_id in _FUSED:
+            if f".{part}." in name:
+                target, shard = name.replace(part, fused), shard_id
+                break
+        if target not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in "
+                             f"{type(model).__name__} ({cfg.architecture})")
+        param = params[target]
+        loader = getattr(param, "weight_loader", None)
+        if isinstance(tensor, QuantizedTensor):
+            if loader is None:
+                tensor = tensor.dequantize()
+        else:
+            tensor = tensor.to(param.dtype)
+        if loader is None:
+            param.data.copy_(tensor)
+        elif shard is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard)
+        loaded.add(target)
+    return loaded

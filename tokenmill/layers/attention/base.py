@@ -57,5 +57,9 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH, D]. Returns [T, H, D]."""
+                scale: float, window: int | None = None,
+                softcap: float | None = None) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH, D]. Returns [T, H, D].
+        ``window``: a query at position p sees only keys at positions > p - window
+        (sliding-window attention). ``softcap``: scores s become softcap * tanh(s / softcap)
+        before the mask and softmax (Gemma 2)."""

@@ -23,7 +23,9 @@ class CPUAttentionBackend(TorchSDPABackend):
     def __init__(self, kernels) -> None:
         self.kernels = kernels
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, window=None, softcap=None):
+        if softcap is not None or window is not None:  # not in the C kernel: the reference
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)
@@ -38,7 +40,9 @@ class CPUAttentionBackend(TorchSDPABackend):
                                                 scale)
         return out
 
-    def decode(self, q, k_cache, v_cache, meta, scale):
+    def decode(self, q, k_cache, v_cache, meta, scale, window=None, softcap=None):
+        if window is not None or softcap is not None:
+            return super().decode(q, k_cache, v_cache, meta, scale, window, softcap)
         return self.kernels.paged_decode_attention(
             q.contiguous(), k_cache, v_cache, meta.decode_block_table, meta.decode_seq_lens,
             meta.block_size, scale)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from tokenmill.layers.attention.base import AttentionBackend, AttentionMetadata
+from tokenmill.layers.attention.torch_sdpa import TorchSDPABackend
 
 BLOCK_M = 32          # query rows per prefill program
 MAX_SPLITS = 16       # decode: most KV splits per sequence
@@ -53,12 +54,13 @@ def _store_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride
 
 
 @triton.jit
-def _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit, m_i, l_i, acc, scale,
-                  D: tl.constexpr, KVH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+def _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, lo, limit, m_i, l_i, acc,
+                  scale, D: tl.constexpr, KVH: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     """One step of the online softmax: the rows of ``q`` against KV block ``block`` (the
-    j-th of the sequence), each row seeing positions below its ``limit``; returns the
-    updated running max, sum and accumulator."""
+    j-th of the sequence), each row seeing positions in ``[lo, limit)`` (``lo`` > 0 under
+    a sliding window); returns the updated running max, sum and accumulator. A row that
+    has seen no visible key yet keeps max -inf and sum 0 (no NaN from -inf - -inf)."""
     offs_n = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
@@ -70,10 +72,12 @@ def _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit, m_i, l_i, a
     else:
         s = tl.dot(q, tl.trans(k))
     k_pos = j * BLOCK_SIZE + offs_n
-    s = tl.where(k_pos[None, :] < limit[:, None], s * scale, float("-inf"))
+    visible = (k_pos[None, :] < limit[:, None]) & (k_pos[None, :] >= lo[:, None])
+    s = tl.where(visible, s * scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + kv_off, mask=d_mask[None, :], other=0.0)
     if IEEE:
@@ -87,7 +91,7 @@ def _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit, m_i, l_i, a
 def _prefill(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
              tile_seg_ptr, tile_start_ptr, seg_row_ptr, seg_qlen_ptr, seg_ctx_ptr,
              table_ptr, stride_table, stride_qt, stride_qh, stride_ot, stride_oh,
-             scale, D: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr,
+             scale, window, D: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr,
              BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
              IEEE: tl.constexpr):
     tile = tl.program_id(0)
@@ -113,9 +117,14 @@ def _prefill(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last = ctx + tl.minimum(start + BLOCK_M, qlen) - 1  # the tile's last position
     limit = q_pos + 1  # causal: row r sees positions < q_pos[r] + 1
-    for j in range(0, last // BLOCK_SIZE + 1):
+    lo = tl.zeros([BLOCK_M], tl.int32)  # window: and positions >= q_pos[r] + 1 - window
+    first_block = 0
+    if window > 0:
+        lo = tl.maximum(q_pos + 1 - window, 0)
+        first_block = tl.maximum(ctx + start + 1 - window, 0) // BLOCK_SIZE
+    for j in range(first_block, last // BLOCK_SIZE + 1):
         block = tl.load(table_ptr + seg * stride_table + j).to(tl.int64)
-        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit,
+        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, lo, limit,
                                       m_i, l_i, acc, scale, D, KVH, BLOCK_SIZE, BLOCK_D, IEEE)
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
@@ -125,7 +134,7 @@ def _prefill(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
 @triton.jit
 def _decode_split(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, table_ptr, lens_ptr,
                   part_m_ptr, part_l_ptr, part_acc_ptr, stride_table, stride_qt, stride_qh,
-                  scale, D: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr,
+                  scale, window, D: tl.constexpr, KVH: tl.constexpr, GROUP: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
     i = tl.program_id(0)       # which decode
@@ -134,8 +143,12 @@ def _decode_split(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, table_ptr, lens_ptr
     row = tl.load(rows_ptr + i).to(tl.int64)
     seq_len = tl.load(lens_ptr + i)
     num_blocks = tl.cdiv(seq_len, BLOCK_SIZE)
-    per_split = tl.cdiv(num_blocks, NUM_SPLITS)
-    first = split * per_split
+    lo_pos = 0  # window: the splits share only the blocks it reaches
+    if window > 0:
+        lo_pos = tl.maximum(seq_len - window, 0)
+    lo_block = lo_pos // BLOCK_SIZE
+    per_split = tl.cdiv(num_blocks - lo_block, NUM_SPLITS)
+    first = lo_block + split * per_split
     end = tl.minimum(first + per_split, num_blocks)
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -150,9 +163,10 @@ def _decode_split(q_ptr, k_cache_ptr, v_cache_ptr, rows_ptr, table_ptr, lens_ptr
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     limit = tl.zeros([BLOCK_H], tl.int32) + seq_len
+    lo = tl.zeros([BLOCK_H], tl.int32) + lo_pos
     for j in range(first, end):
         block = tl.load(table_ptr + i * stride_table + j).to(tl.int64)
-        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, limit,
+        m_i, l_i, acc = _attend_block(q, k_cache_ptr, v_cache_ptr, block, j, kvh, lo, limit,
                                       m_i, l_i, acc, scale, D, KVH, BLOCK_SIZE, BLOCK_D, IEEE)
     # partials laid out [decode, query head, split (, D)]
     part = (i * KVH * GROUP + heads) * NUM_SPLITS + split
@@ -200,8 +214,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      out: torch.Tensor, meta: AttentionMetadata, scale: float) -> None:
-    """Attention of every prefill segment of the step, written into ``out`` rows."""
+                      out: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      window: int | None = None) -> None:
+    """Attention of every prefill segment of the step, written into ``out`` rows (each
+    query sees only the last ``window`` positions where a window is given)."""
     segs = meta.prefills
     tile_seg, tile_start = [], []
     for i, seg in enumerate(segs):
@@ -220,7 +236,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, out, ints(tile_seg), ints(tile_start),
         ints([s.start for s in segs]), ints([s.query_len for s in segs]),
         ints([s.context_len for s in segs]), table, table.stride(0), q.stride(0),
-        q.stride(1), out.stride(0), out.stride(1), scale, D=d, KVH=kvh,
+        q.stride(1), out.stride(0), out.stride(1), scale, window or 0, D=d, KVH=kvh,
         GROUP=num_heads // kvh, BLOCK_SIZE=meta.block_size, BLOCK_M=BLOCK_M,
         BLOCK_D=_pow2(d), IEEE=q.dtype == torch.float32)
 
@@ -233,7 +249,7 @@ def num_splits(max_len: int) -> int:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      out: torch.Tensor, meta: AttentionMetadata, scale: float,
-                     splits: int | None = None) -> None:
+                     splits: int | None = None, window: int | None = None) -> None:
     """One query per decode row (``meta.decode_rows``), split-K over its context."""
     n = meta.num_decodes
     num_heads, d = q.shape[1], q.shape[2]
@@ -250,7 +266,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_acc = torch.empty(n, num_heads, splits, d, dtype=torch.float32, device=dev)
     _decode_split[(n, kvh, splits)](
         q, k_cache, v_cache, rows, table, lens, part_m, part_l, part_acc,
-        max(table.stride(0), 1), q.stride(0), q.stride(1), scale, D=d, KVH=kvh,
+        max(table.stride(0), 1), q.stride(0), q.stride(1), scale, window or 0, D=d, KVH=kvh,
         GROUP=group, BLOCK_SIZE=meta.block_size, BLOCK_H=_pow2(group), BLOCK_D=_pow2(d),
         NUM_SPLITS=splits, IEEE=q.dtype == torch.float32)
     _decode_merge[(n, num_heads)](part_m, part_l, part_acc, rows, out, out.stride(0),
@@ -261,14 +277,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention on the GPU: the kernels above, one launch each per layer."""
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, window=None, softcap=None):
+        if softcap is not None:  # not in these kernels: the reference computes it
+            return TorchSDPABackend().forward(q, k, v, k_cache, v_cache, meta, scale,
+                                              window, softcap)
         if meta.block_size < 16:  # tl.dot needs 16 keys per tile on the GPU
             raise ValueError(f"the Triton attention backend needs block_size >= 16, got "
                              f"{meta.block_size}.")
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.prefills:
-            prefill_attention(q, k_cache, v_cache, out, meta, scale)
+            prefill_attention(q, k_cache, v_cache, out, meta, scale, window)
         if meta.num_decodes:
-            decode_attention(q, k_cache, v_cache, out, meta, scale)
+            decode_attention(q, k_cache, v_cache, out, meta, scale, window=window)
         return out
