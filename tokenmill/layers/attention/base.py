@@ -59,3 +59,31 @@ class AttentionBackend(ABC):
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH, D]. Returns [T, H, D]."""
+
+    def forward_bidirectional(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              seq_lens: list[int], scale: float) -> torch.Tensor:
+        """Encoder attention, no cache: every token of a sequence attends to every token
+        of the same sequence (no causal mask). q, k, v: [T, H, D] for sequences laid end to
+        end with ``seq_lens`` tokens each; returns [T, H, D].
+
+        The sequences are padded to the longest into one [B, H, L, D] batch with a mask
+        hiding the padded keys: one SDPA call per layer (callers keep padding low by
+        batching inputs of similar length). Backends may override it with a kernel."""
+        num, heads, dim = q.shape
+        if len(seq_lens) == 1:
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
+            return o.transpose(0, 1)
+        longest = max(seq_lens)
+        lens = torch.tensor(seq_lens)
+        valid = torch.arange(longest)[None, :] < lens[:, None]        # [B, L]
+        rows = valid.reshape(-1).nonzero().squeeze(1).to(q.device)
+        padded = []
+        for t in (q, k, v):
+            buf = t.new_zeros(len(seq_lens) * longest, heads, dim)
+            buf.index_copy_(0, rows, t)
+            padded.append(buf.view(len(seq_lens), longest, heads, dim).transpose(1, 2))
+        mask = valid.to(q.device)[:, None, None, :]                  # [B, 1, 1, L]
+        o = torch.nn.functional.scaled_dot_product_attention(*padded, attn_mask=mask,
+                                                             scale=scale)
+        return o.transpose(1, 2).reshape(-1, heads, dim).index_select(0, rows)
