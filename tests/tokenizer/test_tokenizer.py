@@ -262,6 +262,20 @@ def test_sentencepiece_gguf_matches_transformers(sentencepiece_gguf: str) -> Non
     texts = [*TEXTS, "Hello world", "<s>Hello</s> x", " it's"]
     for text in texts:
         ids = reference.encode(text)
+        if text.startswith(" "):
+            # SentencePiece prepends "▁" even to a text starting with a space (" x" ->
+            # "▁▁x"), as llama.cpp's vocab tests expect (test_llama_cpp_vocabs); transformers'
+            # GGUF conversion does not. Only the added "▁" differs.
+            assert tok.encode(text) == [ids[0], tok.token_to_id("▁"), *ids[1:]], text
+            assert tok.decode(tok.encode(text)) == text
+            continue
+        if text.startswith("<s>"):
+            # llama.cpp (and SentencePiece on each text piece) prepends "▁" after a special
+            # token too; transformers' GGUF conversion does not.
+            plain = tok.encode("Hello", add_special_tokens=False)
+            x = tok.encode(" x", add_special_tokens=False)
+            assert tok.encode(text) == [1, 1, *plain, 2, *x]
+            continue
         assert tok.encode(text) == ids, text
         assert ids[0] == tok.bos_token_id == 1  # add_bos_token is set in this file
         for skip in (True, False):
@@ -280,12 +294,15 @@ def test_byte_level_pre_tokenizers_match_transformers(pre: str, tmp_path) -> Non
     reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path)
     tok = Tokenizer.from_pretrained(path)
     for text in [*TEXTS, "2024: 12345678 items, x1y22z333"]:
-        assert tok.encode(text) == reference.encode(text), (pre, text)
+        # transformers' GGUF loader ignores tokenizer.ggml.pre for "smollm" (plain GPT-2
+        # regex) but SmolLM's own tokenizer cuts digits one by one first, as llama.cpp does
+        if pre != "smollm" or not any(c.isdigit() for c in text):
+            assert tok.encode(text) == reference.encode(text), (pre, text)
         assert tok.decode(tok.encode(text), False) == text
     # the pre-tokenizer decides how digit runs are cut before BPE sees them
     words = [w for w, _ in tok.backend.pre_tokenizer.pre_tokenize_str("12345678")]
     expected = {
-        "smollm": ["12345678"],
+        "smollm": list("12345678"),
         "llama-bpe": ["123", "456", "78"],
         "qwen2": list("12345678"),
     }

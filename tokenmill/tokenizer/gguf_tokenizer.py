@@ -35,9 +35,10 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from tokenmill.gguf.reader import read_gguf_metadata
+from tokenmill.tokenizer.gguf_wordpiece import build_wordpiece
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
-__all__ = ["load_gguf_tokenizer", "tokenizer_from_gguf_metadata"]
+__all__ = ["UnsupportedTokenizerError", "load_gguf_tokenizer", "tokenizer_from_gguf_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,57 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_GPT2_PRE = {"default", "gpt2", "gpt-2", "smollm", "starcoder", "refact", "olmo", "codeshell"}
-_LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
-_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "megrez"}
+_QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+# Pre-tokenizers that are a chain of regex splits (each cutting the pieces of the previous one,
+# matches and the text between kept), then byte-level spelling; as in the models' tokenizer.json.
+_SPLIT_CHAINS: dict[str, tuple[str, ...]] = {
+    "llama3": (_LLAMA3_SPLIT,), "llama-v3": (_LLAMA3_SPLIT,), "llama-bpe": (_LLAMA3_SPLIT,),
+    "smaug-bpe": (_LLAMA3_SPLIT,), "dbrx": (_LLAMA3_SPLIT,), "falcon3": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,), "deepseek-r1-qwen": (_QWEN2_SPLIT,), "megrez": (_QWEN2_SPLIT,),
+    "qwen35": (_QWEN35_SPLIT,),
+    "default": (_GPT2_SPLIT,), "gpt2": (_GPT2_SPLIT,), "gpt-2": (_GPT2_SPLIT,),
+    "olmo": (_GPT2_SPLIT,), "jais": (_GPT2_SPLIT,),
+    # individual digits first (SmolLM, StarCoder, Command-R, ...)
+    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
+                     "minerva"), (r"\p{N}", _GPT2_SPLIT)),
+    "falcon": (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]"),
+    "deepseek-coder": (r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"),
+    "deepseek-llm": (
+        r"[\r\n]",
+        (
+            "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293"
+            "\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c"
+            "\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0"
+            "-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-"
+            "\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b"
+            "\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-"
+            "\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113"
+            "\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f"
+            "\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3"
+            "\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00"
+            "-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-"
+            "\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-"
+            "\U000118df\U0001e900-\U0001e943]+"
+        ),
+        r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+        r"\s+$",
+        _CJK,
+        r"\p{N}+",
+    ),
+}
+# Vocabularies whose original tokenizer NFC-normalizes the text first.
+_NFC_PRE = {"qwen2", "deepseek-r1-qwen", "megrez"}
+# Llama 3 looks whole pre-tokenized words up in the vocabulary before merging.
+_IGNORE_MERGES_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
+
+
+class UnsupportedTokenizerError(ValueError):
+    """The GGUF's tokenizer model or pre-tokenizer is one tokenmill cannot reproduce."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -72,24 +121,19 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def _byte_level_pre_tokenizer(pre: str) -> tuple[Any, Any, bool]:
     """(pre_tokenizer, normalizer, ignore_merges) for a byte-level BPE vocabulary."""
-    if pre in _LLAMA3_PRE or pre in _QWEN2_PRE:
-        split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT
-        pre_tok = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-        # Qwen2's original tokenizer NFC-normalizes; Llama 3 looks whole words up first.
-        normalizer = normalizers.NFC() if pre in _QWEN2_PRE else None
-        return pre_tok, normalizer, pre in _LLAMA3_PRE
-    if pre not in _GPT2_PRE:
-        logger.warning(
-            "GGUF pre-tokenizer %r is not known to tokenmill; using the GPT-2 regex, which may "
-            "tokenize some text differently from the original model",
-            pre,
-        )
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), None, False
+    chain = _SPLIT_CHAINS.get(pre)
+    if chain is None:
+        raise UnsupportedTokenizerError(
+            f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre, byte-level BPE model 'gpt2') is "
+            "not supported: tokenmill does not know its splitting rules, and guessing would "
+            f"silently change token ids. Supported: {', '.join(sorted(_SPLIT_CHAINS))}. Load "
+            "the tokenizer from the model's Hugging Face folder instead")
+    pre_tok = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in chain]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    normalizer = normalizers.NFC() if pre in _NFC_PRE else None
+    return pre_tok, normalizer, pre in _IGNORE_MERGES_PRE
 
 
 def _parse_merges(merges: Sequence[str]) -> list[tuple[str, str]]:
@@ -140,47 +184,64 @@ def _build_byte_level_bpe(meta: Mapping[str, Any], tokens: list[str]) -> HFToken
     return backend
 
 
-def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+def _sentencepiece_merges(
+    tokens: list[str], scores: list[float], vocab: Mapping[str, int]
+) -> list[tuple[str, str]]:
     """Recover BPE merges from SentencePiece scores.
 
     SentencePiece BPE repeatedly merges the adjacent pair whose concatenation is the vocabulary
     token with the highest score. Every split of a token into two vocabulary pieces is therefore
-    a merge whose priority is that token's score (ties: by the pieces' ids).
+    a merge whose priority is that token's score (ties: by the pieces' ids). The loop is the
+    slow part of loading a 262k vocabulary (Gemma 3), hence ids, not strings, in the sort.
     """
-    ids = {tok: i for i, tok in enumerate(tokens)}
-    merges = []
+    get = vocab.get
+    merges: list[tuple[float, int, int]] = []
+    append = merges.append
     for tok, score in zip(tokens, scores, strict=True):
         for cut in range(1, len(tok)):
-            left, right = tok[:cut], tok[cut:]
-            if left in ids and right in ids:
-                merges.append((-score, ids[left], ids[right], left, right))
+            left = get(tok[:cut])
+            if left is not None:
+                right = get(tok[cut:])
+                if right is not None:
+                    append((-score, left, right))
     merges.sort()
-    return [(left, right) for *_, left, right in merges]
+    return [(tokens[left], tokens[right]) for _, left, right in merges]
 
 
-def _build_sentencepiece_bpe(meta: Mapping[str, Any], tokens: list[str]) -> HFTokenizer:
-    """SentencePiece-style BPE (``tokenizer.ggml.model == "llama"``, e.g. Llama 2, Mistral v1).
+def _build_sentencepiece_bpe(
+    meta: Mapping[str, Any], tokens: list[str], *, split_newlines: bool = False
+) -> HFTokenizer:
+    """SentencePiece-style BPE (``tokenizer.ggml.model == "llama"``, e.g. Llama 2, Mistral v1,
+    Gemma 3; ``"gemma4"``).
 
-    Words are marked with ``▁`` instead of a space (``Metaspace``); a ``▁`` is prepended to the
-    text when ``add_space_prefix`` is set, and decoding removes it again (``Strip``). Characters
-    missing from the vocabulary fall back to byte tokens ``<0xNN>``.
+    Spaces are written ``▁``; with ``add_space_prefix`` a ``▁`` is prepended to each piece of
+    text (also after a special token, as llama.cpp does), and decoding removes it again
+    (``Strip``). Characters missing from the vocabulary fall back to byte tokens ``<0xNN>``.
+    ``split_newlines`` (Gemma 4) cuts the text into runs of newlines and runs of other
+    characters before merging, and a run of newlines that is a token is taken whole.
     """
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if "tokenizer.ggml.merges" in meta:
         merges = _parse_merges(meta["tokenizer.ggml.merges"])
     elif "tokenizer.ggml.scores" in meta:
-        merges = _sentencepiece_merges(tokens, meta["tokenizer.ggml.scores"])
+        merges = _sentencepiece_merges(tokens, meta["tokenizer.ggml.scores"], vocab)
     else:
         raise ValueError("GGUF 'llama' tokenizer has neither merges nor scores; cannot build BPE")
     unk_id = meta.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if unk_id is not None else None
     add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     backend = HFTokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
+                   ignore_merges=split_newlines)
     )
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False
-    )
+    if split_newlines:
+        backend.pre_tokenizer = pre_tokenizers.Split(
+            Regex("[^\n]+|[\n]+"), behavior="isolated", invert=False)
+    # Every space becomes "▁" and, with add_space_prefix, one "▁" is prepended even when the
+    # text starts with a space (" Hello" -> "▁▁Hello"), as SentencePiece does; the whole text
+    # is one BPE word (no pre-tokenizer), so runs of spaces merge into "▁▁▁" pieces.
+    steps = [normalizers.Prepend("▁")] if add_prefix else []
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -222,11 +283,16 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
         backend = _build_byte_level_bpe(meta, tokens)
     elif kind == "llama":
         backend = _build_sentencepiece_bpe(meta, tokens)
+    elif kind == "gemma4":
+        backend = _build_sentencepiece_bpe(meta, tokens, split_newlines=True)
+    elif kind == "bert":
+        backend = build_wordpiece(meta, tokens)
     else:
-        raise ValueError(
-            f"GGUF tokenizer model {kind!r} is not supported; supported are 'gpt2' (byte-level "
-            "BPE) and 'llama' (SentencePiece BPE). Load the tokenizer from the model's Hugging "
-            "Face folder instead"
+        raise UnsupportedTokenizerError(
+            f"GGUF tokenizer model {kind!r} is not supported (tokenizer.ggml.model; "
+            f"pre-tokenizer {meta.get('tokenizer.ggml.pre')!r}); supported are 'gpt2' "
+            "(byte-level BPE), 'llama' (SentencePiece BPE) and 'bert' (WordPiece). Load the "
+            "tokenizer from the model's Hugging Face folder instead"
         )
 
     def token_id(name: str) -> int | None:
@@ -238,18 +304,23 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
         return int(value)
 
     eos = token_id("eos_token_id")
+    bos = token_id("bos_token_id")
+    if kind == "bert":  # BERT wraps a text as [CLS] ... [SEP]; llama.cpp's WPM does the same
+        bos = bos if bos is not None else token_id("cls_token_id")
+        eos = eos if eos is not None else token_id("seperator_token_id")
     end_of_turn = [t for t in (token_id("eot_token_id"), token_id("eom_token_id")) if t is not None]
     # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind in ("llama", "gemma4", "bert"))
+    add_eos = meta.get("tokenizer.ggml.add_eos_token", kind == "bert")
     return Tokenizer(
         backend,
-        bos_token_id=token_id("bos_token_id"),
+        bos_token_id=bos,
         eos_token_id=eos,
         extra_eos_token_ids=end_of_turn,
         unk_token_id=token_id("unknown_token_id"),
         pad_token_id=token_id("padding_token_id"),
         add_bos_token=bool(add_bos),
-        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        add_eos_token=bool(add_eos),
         chat_template=meta.get("tokenizer.chat_template"),
     )
 

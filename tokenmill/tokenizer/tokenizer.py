@@ -422,6 +422,10 @@ def _load_hf_folder(cls: type[Tokenizer], folder: str) -> Tokenizer:
             "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
         )
     backend = HFTokenizer.from_file(tokenizer_json)
+    # Some tokenizer.json files (sentence-transformers') pad every text to a fixed length and
+    # truncate it; the engine wants a text's own ids, and checks lengths itself.
+    backend.no_padding()
+    backend.no_truncation()
     config = _read_json(folder, "tokenizer_config.json")
     gen_config = _read_json(folder, "generation_config.json")
     model_config = _read_json(folder, "config.json")
