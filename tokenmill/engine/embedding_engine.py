@@ -42,6 +42,7 @@ from tokenmill.engine.pooling import (
 )
 from tokenmill.engine_args import EngineArgs
 from tokenmill.layers.attention import TorchSDPABackend
+from tokenmill.layers.quantization import packable
 from tokenmill.loader import open_checkpoint
 from tokenmill.models import build_encoder, is_encoder
 from tokenmill.tokenizer.tokenizer import Tokenizer
@@ -142,7 +143,9 @@ class EmbeddingEngine:
                 self.model: nn.Module = build_encoder(ckpt.hf_config, TorchSDPABackend())
             finally:
                 torch.set_default_dtype(prev)
-        loaded = self.model.load_weights(ckpt.tensors(None))
+        # quantized GGUF matrices stay packed for the CPU kernels (float32 on the CPU)
+        keep = packable if config.device == "cpu" and config.dtype == torch.float32 else None
+        loaded = self.model.load_weights(ckpt.tensors(keep))
         missing = self.model.required_parameters() - loaded
         if missing:
             raise ValueError(f"checkpoint {config.model} lacks weights: "

@@ -9,13 +9,19 @@ from torch import nn
 
 from tokenmill.layers.attention import AttentionBackend
 from tokenmill.models.bert import BertConfig, BertModel
+from tokenmill.models.nomic_bert import NomicBertConfig, NomicBertModel
 
 
 def _bert(hf: dict, backend: AttentionBackend) -> nn.Module:
     return BertModel(BertConfig.from_hf(hf), backend)
 
 
+def _nomic(hf: dict, backend: AttentionBackend) -> nn.Module:
+    return NomicBertModel(NomicBertConfig.from_hf(hf), backend)
+
+
 ENCODER_REGISTRY: dict[str, Callable[[dict, AttentionBackend], nn.Module]] = {
     "BertModel": _bert,
     "BertForSequenceClassification": _bert,
+    "NomicBertModel": _nomic,
 }
