@@ -131,3 +131,17 @@ def test_bad_score_and_rerank_inputs_are_400s(served):
         assert names(err, param), (path, body, err)
     err = error_of(post(server, "/v1/embeddings", {"model": "other", "input": "x"}), 404)
     assert err["code"] == "model_not_found"
+
+
+def test_bench_serve_embeddings(served, capsys):
+    """``tokenmill bench serve --endpoint embeddings`` against the shared server."""
+    from tokenmill.cli import main
+
+    server, _ = served
+    assert main(["bench", "serve", "--endpoint", "embeddings", "--base-url", server.base_url,
+                 "--num-prompts", "10", "--input-len", "2", "--embed-batch", "4",
+                 "--max-concurrency", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs/s" in out and "(3 requests)" in out
+    tokens = float(out.split("tokens/s")[1].split()[0])
+    assert tokens > 0

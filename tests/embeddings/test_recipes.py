@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import zipfile
 
 import pytest
@@ -39,7 +40,7 @@ def test_unpack_zip_member_streams_across_parts(tmp_path):
     cut = [0, 3001, offset + 10, len(whole) - 1000, len(whole)]  # a header split too
     assert cut == sorted(cut)
     names = []
-    for i, (a, b) in enumerate(zip(cut, cut[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(cut)):
         (tmp_path / f"p{i}").write_bytes(whole[a:b])
         names.append(f"p{i}")
     digest = hashlib.sha256(payload).hexdigest()
