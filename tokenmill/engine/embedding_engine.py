@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tokenmill.config import EngineConfig
+from tokenmill.engine.decoder_embedder import DecoderEmbedder
 from tokenmill.engine.pooling import (
     PoolingConfig,
     finish,
@@ -75,13 +77,16 @@ class EncoderInput:
 @dataclass(frozen=True)
 class EmbeddingEngineConfig:
     """model: HF folder or GGUF file; max_num_batched_tokens: tokens per forward;
-    max_model_len: tokens per input (None: the model's own limit)."""
+    max_model_len: tokens per input (None: the model's own limit); decoder: the engine config
+    of a decoder to run as an embedder (last-token pooling unless the folder says)."""
 
     model: str
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
+    # set for a decoder served as an embedder: its engine config (model_loading loads it)
+    decoder: EngineConfig | None = None
 
 
 def resolve_task(flags: EngineArgs) -> str:
@@ -102,10 +107,7 @@ def embedding_engine(flags: EngineArgs) -> EmbeddingEngine:
     if flags.model is None:
         raise ValueError("--task embed needs a model (an encoder such as BERT).")
     hf = open_checkpoint(flags.model).hf_config
-    if not is_encoder(hf):
-        arch = (hf.get("architectures") or ["?"])[0]
-        raise ValueError(f"--task embed runs encoder models; {arch} is a decoder, and "
-                         "decoders as embedders are not supported yet.")
+    decoder = None if is_encoder(hf) else EngineConfig.from_args(flags)
     dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}.get(flags.dtype)
     if dtype is None:
@@ -116,7 +118,7 @@ def embedding_engine(flags: EngineArgs) -> EmbeddingEngine:
         max_num_batched_tokens=(8192 if flags.max_num_batched_tokens
                                 == EngineArgs.max_num_batched_tokens
                                 else flags.max_num_batched_tokens),
-        max_model_len=flags.max_model_len))
+        max_model_len=flags.max_model_len, decoder=decoder))
 
 
 def _st_max_seq_length(folder: str) -> int | None:
@@ -136,26 +138,17 @@ class EmbeddingEngine:
         self.config = config
         ckpt = open_checkpoint(config.model)
         self.architecture = ckpt.hf_config.get("architectures", ["?"])[0]
-        with torch.device(config.device):
-            prev = torch.get_default_dtype()
-            torch.set_default_dtype(config.dtype)
-            try:
-                self.model: nn.Module = build_encoder(ckpt.hf_config, TorchSDPABackend())
-            finally:
-                torch.set_default_dtype(prev)
-        # quantized GGUF matrices stay packed for the CPU kernels (float32 on the CPU)
-        keep = packable if config.device == "cpu" and config.dtype == torch.float32 else None
-        loaded = self.model.load_weights(ckpt.tensors(keep))
-        missing = self.model.required_parameters() - loaded
-        if missing:
-            raise ValueError(f"checkpoint {config.model} lacks weights: "
-                             f"{', '.join(sorted(missing)[:5])}")
+        if config.decoder is not None:  # a decoder served with --task embed
+            self.model: nn.Module = DecoderEmbedder.load(config.decoder)
+        else:
+            self.model = self._load_encoder(ckpt, config)
         self.model.eval()
         self.tokenizer = Tokenizer.from_pretrained(config.model)
         self.tokenizer.backend.no_truncation()
         self.tokenizer.backend.no_padding()
         self.is_cross_encoder = bool(getattr(self.model.config, "num_labels", 0))
-        default = PoolingConfig(mode="cls" if self.is_cross_encoder else "mean",
+        mode = "cls" if self.is_cross_encoder else "mean"
+        default = PoolingConfig(mode="last" if config.decoder is not None else mode,
                                 matryoshka=self.architecture in _MATRYOSHKA_ARCHS)
         limit = self.model.max_position_embeddings
         if ckpt.format == "hf":
@@ -173,6 +166,24 @@ class EmbeddingEngine:
                     config.model, self.architecture, time.perf_counter() - start,
                     self.pooling.mode, " + normalize" if self.pooling.normalize else "",
                     limit)
+
+    @staticmethod
+    def _load_encoder(ckpt, config: EmbeddingEngineConfig) -> nn.Module:
+        with torch.device(config.device):
+            prev = torch.get_default_dtype()
+            torch.set_default_dtype(config.dtype)
+            try:
+                model = build_encoder(ckpt.hf_config, TorchSDPABackend())
+            finally:
+                torch.set_default_dtype(prev)
+        # quantized GGUF matrices stay packed for the CPU kernels (float32 on the CPU)
+        keep = packable if config.device == "cpu" and config.dtype == torch.float32 else None
+        loaded = model.load_weights(ckpt.tensors(keep))
+        missing = model.required_parameters() - loaded
+        if missing:
+            raise ValueError(f"checkpoint {config.model} lacks weights: "
+                             f"{', '.join(sorted(missing)[:5])}")
+        return model
 
     # ------------------------------------------------------------------ inputs
 
