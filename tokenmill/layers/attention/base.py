@@ -51,6 +51,10 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor | None = None   # [P]
 
 
+# attention scores (B x H x L x L) one padded, masked SDPA call may hold (128 MiB float32)
+_MAX_SCORES = 32 * 2**20
+
+
 class AttentionBackend(ABC):
     """Computes attention for one layer given its slice of the KV cache."""
 
@@ -68,13 +72,23 @@ class AttentionBackend(ABC):
 
         The sequences are padded to the longest into one [B, H, L, D] batch with a mask
         hiding the padded keys: one SDPA call per layer (callers keep padding low by
-        batching inputs of similar length). Backends may override it with a kernel."""
+        batching inputs of similar length). When that masked batch would hold more than
+        ``_MAX_SCORES`` attention scores (long inputs), each sequence gets its own unmasked
+        call instead. Backends may override it with a kernel."""
         num, heads, dim = q.shape
-        if len(seq_lens) == 1:
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-            return o.transpose(0, 1)
         longest = max(seq_lens)
+        if len(seq_lens) == 1 or len(seq_lens) * heads * longest * longest > _MAX_SCORES:
+            # one call per sequence: no mask, so SDPA's fused kernel never materializes
+            # the [L, L] scores of long inputs
+            out = torch.empty_like(q)
+            at = 0
+            for n in seq_lens:
+                rows = slice(at, at + n)
+                out[rows] = torch.nn.functional.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1),
+                    scale=scale).transpose(0, 1)
+                at += n
+            return out
         lens = torch.tensor(seq_lens)
         valid = torch.arange(longest)[None, :] < lens[:, None]        # [B, L]
         rows = valid.reshape(-1).nonzero().squeeze(1).to(q.device)
