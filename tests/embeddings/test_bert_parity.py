@@ -111,3 +111,21 @@ def test_llm_embed_and_score(embedder, cross):
     assert all(0 < s.outputs.score < 1 for s in scored)
     with pytest.raises(ValueError, match="is an encoder.*--task embed"):
         LLM(folder, task="generate", load_format="dummy", show_progress=False).embed("x")
+
+
+def test_quantized_at_load_runs_on_packed_weights(embedder):
+    from tokenmill.gguf.quantize import Q8_0
+    from tokenmill.layers.quantization import packable
+
+    if not packable(Q8_0):
+        pytest.skip("no packed CPU kernels on this machine")
+    folder, _ = embedder
+    plain = EmbeddingEngine(EmbeddingEngineConfig(folder))
+    q8 = EmbeddingEngine(EmbeddingEngineConfig(folder, quantization="q8_0"))
+    layer = q8.model.layers[0]
+    assert all(m.packed is not None for m in (layer.qkv, layer.attn_out, layer.up, layer.down))
+    assert q8.model.embeddings.word_embeddings.packed is None
+    items = plain.fit([plain.tokenize(t) for t in TEXTS], None)
+    a, b = plain.embed(items), q8.embed(items)
+    assert not torch.equal(a, b)
+    assert F.cosine_similarity(a, b).min() >= 0.999

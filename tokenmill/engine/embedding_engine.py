@@ -46,6 +46,7 @@ from tokenmill.engine_args import EngineArgs
 from tokenmill.layers.attention import TorchSDPABackend
 from tokenmill.layers.quantization import packable
 from tokenmill.loader import open_checkpoint
+from tokenmill.loader.quantize_at_load import SCHEMES, quantize_encoder_linears
 from tokenmill.models import build_encoder, is_encoder
 from tokenmill.tokenizer.tokenizer import Tokenizer
 
@@ -87,6 +88,9 @@ class EmbeddingEngineConfig:
     max_model_len: int | None = None
     # set for a decoder served as an embedder: its engine config (model_loading loads it)
     decoder: EngineConfig | None = None
+    # "auto" | "none" | "q8_0" | "q4_0" | "q4_k": as --quantization (an encoder's HF
+    # folder quantized at load: quantize_encoder_linears)
+    quantization: str = "auto"
 
 
 def resolve_task(flags: EngineArgs) -> str:
@@ -118,7 +122,8 @@ def embedding_engine(flags: EngineArgs) -> EmbeddingEngine:
         max_num_batched_tokens=(8192 if flags.max_num_batched_tokens
                                 == EngineArgs.max_num_batched_tokens
                                 else flags.max_num_batched_tokens),
-        max_model_len=flags.max_model_len, decoder=decoder))
+        max_model_len=flags.max_model_len, decoder=decoder,
+        quantization=flags.quantization))
 
 
 def _st_max_seq_length(folder: str) -> int | None:
@@ -177,8 +182,19 @@ class EmbeddingEngine:
             finally:
                 torch.set_default_dtype(prev)
         # quantized GGUF matrices stay packed for the CPU kernels (float32 on the CPU)
-        keep = packable if config.device == "cpu" and config.dtype == torch.float32 else None
-        loaded = model.load_weights(ckpt.tensors(keep))
+        cpu32 = config.device == "cpu" and config.dtype == torch.float32
+        keep = packable if cpu32 and config.quantization == "auto" else None
+        tensors = ckpt.tensors(keep)
+        if config.quantization in SCHEMES:
+            if ckpt.format != "hf":
+                raise ValueError(f"--quantization {config.quantization} quantizes a Hugging "
+                                 f"Face folder at load; {config.model} is a GGUF file.")
+            if cpu32 and packable(SCHEMES[config.quantization]):
+                tensors = quantize_encoder_linears(tensors, config.quantization)
+            else:
+                logger.warning("--quantization %s: no packed CPU kernels here (or not "
+                               "float32 on CPU); weights stay float.", config.quantization)
+        loaded = model.load_weights(tensors)
         missing = model.required_parameters() - loaded
         if missing:
             raise ValueError(f"checkpoint {config.model} lacks weights: "
