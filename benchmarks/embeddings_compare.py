@@ -4,8 +4,9 @@ against sentence-transformers on all-MiniLM-L6-v2, interleaved in the same run.
     python benchmarks/embeddings_compare.py --llama-server /path/to/llama-server
         [--rounds 3] [--num-inputs 256] [--threads N] [--quick]
 
-1. nomic-embed-text-v1.5 F16 GGUF: ``tokenmill serve`` and ``llama-server --embedding
-   --pooling mean`` on the same file and threads, each sent --num-inputs random-word
+1. nomic-embed-text-v1.5 F16 GGUF: ``tokenmill serve`` (float32, and with
+   ``--quantization q8_0``) and ``llama-server --embedding --pooling mean`` (F16 as
+   stored) on the same file and threads, each sent --num-inputs random-word
    inputs of ~64 and of ~500 tokens through ``/v1/embeddings`` (32 inputs a request,
    4 requests in flight, the same client: ``tokenmill.bench.embeddings``). Target:
    tokenmill >= 1.5x llama-server's inputs/s.
@@ -77,8 +78,12 @@ def nomic_part(args, rounds: int, n: int) -> None:
     gguf = str(fetch("nomic-embed-text-v1.5-f16"))
     env_threads = ["--threads", str(args.threads)]
     tm_port, ll_port = _port(), _port()
+    q8_port = _port()
     servers = {"tokenmill": [sys.executable, "-m", "tokenmill", "serve", gguf, "--port",
-                             str(tm_port), "--disable-access-log"]}
+                             str(tm_port), "--disable-access-log"],
+               "tokenmill-q8_0": [sys.executable, "-m", "tokenmill", "serve", gguf, "--port",
+                                  str(q8_port), "--disable-access-log", "--quantization",
+                                  "q8_0"]}
     if args.llama_server:
         servers["llama-server"] = [args.llama_server, "-m", gguf, "--embedding", "--pooling",
                                    "mean", "--port", str(ll_port), *env_threads,
@@ -86,6 +91,7 @@ def nomic_part(args, rounds: int, n: int) -> None:
     else:
         print("(no --llama-server: tokenmill alone)")
     urls = {"tokenmill": f"http://127.0.0.1:{tm_port}",
+            "tokenmill-q8_0": f"http://127.0.0.1:{q8_port}",
             "llama-server": f"http://127.0.0.1:{ll_port}"}
     with contextlib.ExitStack() as stack:
         for name, cmd in servers.items():
@@ -101,8 +107,10 @@ def nomic_part(args, rounds: int, n: int) -> None:
                           f"tokens/s p50 {s['p50_latency_ms']:.0f} ms", flush=True)
                     if name not in best or s["inputs_per_s"] > best[name]["inputs_per_s"]:
                         best[name] = s
-            _verdict(f"nomic-embed, {best['tokenmill']['total_tokens'] // n} tokens/input",
-                     best, "llama-server", 1.5)
+            what = f"nomic-embed, {best['tokenmill']['total_tokens'] // n} tokens/input"
+            _verdict(what, best, "llama-server", 1.5)
+            _verdict(what + ", tokenmill --quantization q8_0",
+                     {**best, "tokenmill": best["tokenmill-q8_0"]}, "llama-server", 1.5)
 
 
 def minilm_part(rounds: int, n: int) -> None:

@@ -88,8 +88,8 @@ class EmbeddingEngineConfig:
     max_model_len: int | None = None
     # set for a decoder served as an embedder: its engine config (model_loading loads it)
     decoder: EngineConfig | None = None
-    # "auto" | "none" | "q8_0" | "q4_0" | "q4_k": as --quantization (an encoder's HF
-    # folder quantized at load: quantize_encoder_linears)
+    # "auto" | "none" | "q8_0" | "q4_0" | "q4_k": as --quantization (an encoder's float
+    # layer matrices, HF folder or F16/F32 GGUF, quantized at load: quantize_encoder_linears)
     quantization: str = "auto"
 
 
@@ -186,9 +186,6 @@ class EmbeddingEngine:
         keep = packable if cpu32 and config.quantization == "auto" else None
         tensors = ckpt.tensors(keep)
         if config.quantization in SCHEMES:
-            if ckpt.format != "hf":
-                raise ValueError(f"--quantization {config.quantization} quantizes a Hugging "
-                                 f"Face folder at load; {config.model} is a GGUF file.")
             if cpu32 and packable(SCHEMES[config.quantization]):
                 tensors = quantize_encoder_linears(tensors, config.quantization)
             else:
