@@ -129,3 +129,30 @@ def test_quantized_at_load_runs_on_packed_weights(embedder):
     a, b = plain.embed(items), q8.embed(items)
     assert not torch.equal(a, b)
     assert F.cosine_similarity(a, b).min() >= 0.999
+
+
+def test_the_server_worker_merges_requests_and_bounds_its_queue(embedder):
+    import asyncio
+
+    from tokenmill.engine.async_engine import QueueFullError
+    from tokenmill.engine.embedding_engine import AsyncEmbeddingEngine
+
+    engine = EmbeddingEngine(EmbeddingEngineConfig(embedder[0]))
+    items = engine.fit([engine.tokenize(t) for t in TEXTS], None)
+    alone = engine.pooled(items)
+    worker = AsyncEmbeddingEngine(engine, max_queued_inputs=4)
+    worker.start()
+
+    async def main():
+        got = await asyncio.gather(worker.run("embed", items[:1]),
+                                   worker.run("embed", items[1:4]))
+        with pytest.raises(QueueFullError):
+            await worker.run("embed", items[:5])
+        return got
+
+    try:
+        first, rest = asyncio.run(main())
+    finally:
+        worker.shutdown()
+    assert torch.allclose(torch.cat([first, rest]), alone[:4], atol=1e-5)
+    assert not worker.is_running

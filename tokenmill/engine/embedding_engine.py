@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.async_engine import QueueFullError
 from tokenmill.engine.decoder_embedder import DecoderEmbedder
 from tokenmill.engine.pooling import (
     PoolingConfig,
@@ -311,10 +312,15 @@ class AsyncEmbeddingEngine:
     """The server's handle: one worker thread runs every queued request's inputs
     together (same-kind jobs merged into the same length-sorted batches)."""
 
-    def __init__(self, engine: EmbeddingEngine) -> None:
+    def __init__(self, engine: EmbeddingEngine, max_queued_inputs: int | None = None) -> None:
+        """``max_queued_inputs``: inputs waiting or running beyond which a request is
+        refused (``QueueFullError``, a 429); None: no bound."""
         self.engine = engine
+        self.max_queued_inputs = max_queued_inputs
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._queued = 0  # inputs of the requests not yet answered
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         if self._thread is None:
@@ -336,9 +342,19 @@ class AsyncEmbeddingEngine:
         """Pooled vectors (``embed``, not yet normalized) or scores (``classify``)."""
         if not self.is_running:
             raise RuntimeError("the encoder worker is not running")
+        with self._lock:
+            if (self.max_queued_inputs is not None
+                    and self._queued + len(inputs) > self.max_queued_inputs):
+                raise QueueFullError(f"{self._queued} inputs are waiting; this server queues "
+                                     f"at most {self.max_queued_inputs}")
+            self._queued += len(inputs)
         job = _Job(kind, inputs, Future())
-        self._queue.put(job)
-        return await asyncio.wrap_future(job.future)
+        try:
+            self._queue.put(job)
+            return await asyncio.wrap_future(job.future)
+        finally:
+            with self._lock:
+                self._queued -= len(inputs)
 
     def _loop(self) -> None:
         while True:

@@ -174,9 +174,9 @@ def _serve_embeddings(a: argparse.Namespace, flags: EngineArgs) -> int:
     from tokenmill.engine.embedding_engine import AsyncEmbeddingEngine, embedding_engine
     from tokenmill.server.app import build_embedding_app
     from tokenmill.server.http_guard import guarded_h11_protocol
-    from tokenmill.server.limits import ServerLimits
+    from tokenmill.server.limits import DEFAULT_MAX_QUEUED_INPUTS, ServerLimits
 
-    engine = AsyncEmbeddingEngine(embedding_engine(flags))
+    engine = AsyncEmbeddingEngine(embedding_engine(flags), DEFAULT_MAX_QUEUED_INPUTS)
     names = a.served_model_name or [default_served_name(a.model, flags.model)]
     limits = ServerLimits(max_request_body_bytes=a.max_request_body_bytes,
                           request_read_timeout=a.request_read_timeout)

@@ -48,7 +48,7 @@ __all__ = [
     "MAX_NAME_CHARS", "MAX_PRIORITY", "MAX_PROMPTS", "MAX_STOP", "MAX_STOP_CHARS",
     "MAX_STOP_TOKEN_IDS", "MAX_TEMPLATE_KWARGS_DEPTH", "MAX_TOOLS", "MAX_TOOL_CALLS",
     "MAX_WHITESPACE", "METADATA_KEY_CHARS", "METADATA_PAIRS", "METADATA_VALUE_CHARS",
-    "ServerLimits",
+    "ServerLimits", "DEFAULT_MAX_QUEUED_INPUTS",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -65,6 +65,7 @@ MAX_PRIORITY = 1000           # |priority|, when the operator allows priorities 
 METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512  # OpenAI's
 MAX_EMBEDDING_INPUTS = 2048   # inputs in one /v1/embeddings request (OpenAI: 2048)
 MAX_SCORE_DOCUMENTS = 1000    # documents in one /v1/score or /rerank request (Cohere: 1000)
+DEFAULT_MAX_QUEUED_INPUTS = 16 * MAX_EMBEDDING_INPUTS  # encoder inputs waiting, else 429
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_REQUEST_READ_TIMEOUT_S = 30.0
