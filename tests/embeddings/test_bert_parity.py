@@ -156,3 +156,29 @@ def test_the_server_worker_merges_requests_and_bounds_its_queue(embedder):
         worker.shutdown()
     assert torch.allclose(torch.cat([first, rest]), alone[:4], atol=1e-5)
     assert not worker.is_running
+
+
+def test_rerank_by_the_cross_encoder_head_over_http(cross):
+    """/rerank and /v1/score on a cross-encoder app (in process): the classifier's
+    scores, sorted, top_n, and the documents' indices."""
+    from fastapi.testclient import TestClient
+
+    from tokenmill.engine.embedding_engine import AsyncEmbeddingEngine
+    from tokenmill.server.app import build_embedding_app
+
+    engine = EmbeddingEngine(EmbeddingEngineConfig(cross[0]))
+    docs = ["paris is the capital", "the cat sat", "fish swims in the sea", "blue sky"]
+    want = engine.classify([engine.tokenize_pair("capital of france", d) for d in docs])
+    app = build_embedding_app(AsyncEmbeddingEngine(engine), ["ce"])
+    with TestClient(app) as client:
+        r = client.post("/rerank", json={"query": "capital of france", "documents": docs,
+                                         "top_n": 3})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        order = want.argsort(descending=True)[:3].tolist()
+        assert [x["index"] for x in results] == order
+        assert [x["relevance_score"] for x in results] == pytest.approx(
+            want[order].tolist(), abs=1e-5)
+        r = client.post("/v1/score", json={"text_1": "capital of france", "text_2": docs})
+        assert [d["score"] for d in r.json()["data"]] == pytest.approx(want.tolist(),
+                                                                       abs=1e-5)
