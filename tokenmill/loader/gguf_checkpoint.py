@@ -41,6 +41,7 @@ from tokenmill.gguf.quant_types import PACKED_BLOCKS, QuantizedTensor
 from tokenmill.gguf.reader import GGUFFile, GGUFTensorInfo, read_gguf
 from tokenmill.layers.rotary import inverse_frequencies
 from tokenmill.loader.checkpoint import Checkpoint, normalize_hf_config
+from tokenmill.loader.gguf_encoder import GGUF_ENCODERS, open_gguf_encoder
 
 # Phi-3, SmolLM3 and the Mixture-of-Experts families: general.architecture ->
 # ((HF architectures entry, model_type, Q/K rows permuted?), whether the experts'
@@ -414,6 +415,8 @@ def open_gguf(path: str) -> Checkpoint:
     """Open a single GGUF file as a Checkpoint with HF names, config and layout."""
     header = read_gguf(path)
     arch = header.metadata.get("general.architecture")
+    if arch in GGUF_ENCODERS:  # encoders keep their GGUF names (gguf_encoder)
+        return open_gguf_encoder(path, header)
     if arch not in _ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; tokenmill "
                          f"reads {', '.join(sorted(_ARCHITECTURES))}.")

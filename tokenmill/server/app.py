@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import tokenmill
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.embedding_engine import AsyncEmbeddingEngine
 from tokenmill.server.errors import (
     authentication_failed,
     install_exception_handlers,
@@ -49,16 +50,24 @@ from tokenmill.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
-    ModelList,
     TokenizeChatRequest,
     TokenizeRequest,
     TokenizeResponse,
+)
+from tokenmill.server.protocol_embeddings import (
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+    TaskModelCard,
+    TaskModelList,
 )
 from tokenmill.server.response_store import ResponseStore
 from tokenmill.server.serving_chat import ChatHandler, chat_prompt_ids
 from tokenmill.server.serving_completions import CompletionHandler
 from tokenmill.server.serving_context import ServingContext, json_response
+from tokenmill.server.serving_embeddings import EmbeddingHandler, EncoderContext
 from tokenmill.server.serving_responses import add_responses_routes
+from tokenmill.server.serving_score import ScoreHandler
 from tokenmill.server.web_ui import PUBLIC_PATHS, add_web_ui
 
 OPEN_PATHS = frozenset({"/health"}) | PUBLIC_PATHS
@@ -137,6 +146,20 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+def _guarded_app(lifespan, limits: ServerLimits, api_key: str | None) -> FastAPI:
+    """An app with the strict JSON route class, OpenAI-shaped errors, and the body and
+    API-key middleware."""
+    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
+    app.router.route_class = JSONBodyRoute
+    install_exception_handlers(app)
+    # the last added runs first: the API key, then the body's size and read time-out
+    app.add_middleware(RequestBodyMiddleware, max_body_bytes=limits.max_request_body_bytes,
+                       read_timeout=limits.request_read_timeout)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    return app
+
+
 def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None = None,
               shutdown_timeout: float = 30.0, limits: ServerLimits | None = None,
               reasoning_parser: str | None = None) -> FastAPI:
@@ -166,15 +189,8 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
             # C++ start-up code can abort the interpreter's exit
             await asyncio.to_thread(warm_up.join, 30.0)
 
-    app = FastAPI(title="tokenmill", version=tokenmill.__version__, lifespan=lifespan)
-    app.router.route_class = JSONBodyRoute
+    app = _guarded_app(lifespan, limits, api_key)
     app.state.ctx = ctx
-    install_exception_handlers(app)
-    # the last added runs first: the API key, then the body's size and read time-out
-    app.add_middleware(RequestBodyMiddleware, max_body_bytes=limits.max_request_body_bytes,
-                       read_timeout=limits.request_read_timeout)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:
@@ -188,25 +204,10 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
 
     def card(name: str) -> ModelCard:
         # root: the served name, not the model's file path (which clients need not know)
-        return ModelCard(id=name, created=started, root=ctx.model_name,
-                         max_model_len=ctx.max_model_len)
+        return TaskModelCard(id=name, created=started, root=ctx.model_name,
+                             max_model_len=ctx.max_model_len, task="generate")
 
-    @app.get("/v1/models")
-    async def list_models() -> Response:
-        return json_response(ModelList(data=[card(n) for n in ctx.model_names]))
-
-    @app.get("/v1/models/{model_id:path}")
-    async def retrieve_model(model_id: str) -> Response:
-        ctx.check_model(model_id)
-        return json_response(card(model_id))
-
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if engine.is_running else 503)
-
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": tokenmill.__version__}
+    _add_model_routes(app, ctx.model_names, card, ctx.check_model, lambda: engine.is_running)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -246,6 +247,95 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
         text = await ctx.off_loop(ctx.tokenizer.decode, body.tokens, False)
         return json_response(DetokenizeResponse(prompt=text))
 
+    _refuse_routes(app, ENCODER_ROUTES, "is served for generation (completions, chat); "
+                   "serve an embedding model, or this one with --task embed, for {path}")
     add_web_ui(app)
+    _declare_openai_errors(app, bool(api_key))
+    return app
+
+
+ENCODER_ROUTES = ("/v1/embeddings", "/v1/score", "/score", "/rerank", "/v1/rerank")
+GENERATE_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+
+
+def _add_model_routes(app: FastAPI, model_names: list[str], card: Callable[[str], Any],
+                      check_model: Callable[[str], None],
+                      is_running: Callable[[], bool]) -> None:
+    """GET /v1/models[/{id}] (``card`` describes one served name), /health, /version."""
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return json_response(TaskModelList(data=[card(n) for n in model_names]))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Response:
+        check_model(model_id)
+        return json_response(card(model_id))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if is_running() else 503)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": tokenmill.__version__}
+
+
+def _refuse_routes(app: FastAPI, paths: tuple[str, ...], why: str) -> None:
+    """POST ``paths`` answer a 400 in OpenAI's shape saying the served model does not do
+    that task (``why`` is formatted with the path)."""
+    def refuse(path: str):
+        async def refused(raw: Request) -> Response:
+            raise invalid_request(f"The model {why.format(path=path)}.", "model")
+        return refused
+
+    for path in paths:
+        app.add_api_route(path, refuse(path), methods=["POST"], include_in_schema=False)
+
+
+def build_embedding_app(engine: AsyncEmbeddingEngine, model_names: list[str],
+                        api_key: str | None = None,
+                        limits: ServerLimits | None = None) -> FastAPI:
+    """The server for an encoder (``--task embed``): ``/v1/embeddings``, ``/v1/score``,
+    ``/rerank`` and ``/v1/rerank`` (``serving_embeddings``, ``serving_score``), the model
+    list, /health and /version; the generation endpoints answer a 400."""
+    if not model_names:
+        raise ValueError("model_names needs at least one name to serve the model under.")
+    limits = limits or ServerLimits()
+    ctx = EncoderContext(engine, list(model_names))
+    embeddings, scores = EmbeddingHandler(ctx), ScoreHandler(ctx)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.shutdown)
+
+    app = _guarded_app(lifespan, limits, api_key)
+
+    @app.post("/v1/embeddings")
+    async def create_embedding(body: EmbeddingRequest) -> Response:
+        return json_response(await embeddings.create(body))
+
+    @app.post("/v1/score")
+    async def create_score(body: ScoreRequest) -> Response:
+        return json_response(await scores.score(body))
+
+    app.add_api_route("/score", create_score, methods=["POST"], include_in_schema=False)
+
+    @app.post("/rerank")
+    async def rerank(body: RerankRequest) -> Response:
+        return json_response(await scores.rerank(body))
+
+    app.add_api_route("/v1/rerank", rerank, methods=["POST"], include_in_schema=False)
+
+    def card(name: str) -> TaskModelCard:
+        return TaskModelCard(id=name, created=started, root=ctx.model_name,
+                             max_model_len=engine.engine.max_model_len, task="embed")
+
+    _add_model_routes(app, ctx.model_names, card, ctx.check_model, lambda: engine.is_running)
+
+    _refuse_routes(app, GENERATE_ROUTES, "is an embedding model: it does not generate "
+                   "text; use /v1/embeddings, /v1/score or /rerank instead of {path}")
     _declare_openai_errors(app, bool(api_key))
     return app

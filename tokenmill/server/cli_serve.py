@@ -167,6 +167,34 @@ def _graceful_signals_exit_zero() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _serve_embeddings(a: argparse.Namespace, flags: EngineArgs) -> int:
+    """``tokenmill serve`` for an encoder: the embeddings/score/rerank app."""
+    import uvicorn
+
+    from tokenmill.engine.embedding_engine import AsyncEmbeddingEngine, embedding_engine
+    from tokenmill.server.app import build_embedding_app
+    from tokenmill.server.http_guard import guarded_h11_protocol
+    from tokenmill.server.limits import DEFAULT_MAX_QUEUED_INPUTS, ServerLimits
+
+    engine = AsyncEmbeddingEngine(embedding_engine(flags), DEFAULT_MAX_QUEUED_INPUTS)
+    names = a.served_model_name or [default_served_name(a.model, flags.model)]
+    limits = ServerLimits(max_request_body_bytes=a.max_request_body_bytes,
+                          request_read_timeout=a.request_read_timeout)
+    app = build_embedding_app(engine, names, api_key=a.api_key, limits=limits)
+    print(f"Serving {names[0]} (embeddings; {engine.engine.architecture}, "
+          f"{engine.engine.max_model_len} tokens per input) at "
+          f"{base_url(a.host, a.port)}/v1", flush=True)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
+        access_log=not a.disable_access_log, timeout_keep_alive=a.timeout_keep_alive,
+        timeout_graceful_shutdown=a.shutdown_timeout,
+        http=guarded_h11_protocol(a.request_read_timeout, a.max_connections,
+                                  a.stream_stall_timeout or None)))
+    with _graceful_signals_exit_zero():
+        server.run()
+    return 0 if server.started else 1
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     _check(a)
     import uvicorn
@@ -177,6 +205,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from tokenmill.server.limits import ServerLimits
 
     max_queued = a.max_queued_requests or None
+    flags = EngineArgs.from_cli_args(a)
+    from tokenmill.engine.embedding_engine import resolve_task
+
+    if resolve_task(flags) == "embed":
+        return _serve_embeddings(a, flags)
     engine = AsyncEngine.from_flags(max_queued_requests=max_queued,
                                     **dataclasses.asdict(EngineArgs.from_cli_args(a)))
     names = a.served_model_name or [default_served_name(a.model, engine.engine_config.model)]

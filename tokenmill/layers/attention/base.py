@@ -51,6 +51,10 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor | None = None   # [P]
 
 
+# attention scores (B x H x L x L) one padded, masked SDPA call may hold (128 MiB float32)
+_MAX_SCORES = 32 * 2**20
+
+
 class AttentionBackend(ABC):
     """Computes attention for one layer given its slice of the KV cache."""
 
@@ -63,3 +67,41 @@ class AttentionBackend(ABC):
         ``window``: a query at position p sees only keys at positions > p - window
         (sliding-window attention). ``softcap``: scores s become softcap * tanh(s / softcap)
         before the mask and softmax (Gemma 2)."""
+
+    def forward_bidirectional(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              seq_lens: list[int], scale: float) -> torch.Tensor:
+        """Encoder attention, no cache: every token of a sequence attends to every token
+        of the same sequence (no causal mask). q, k, v: [T, H, D] for sequences laid end to
+        end with ``seq_lens`` tokens each; returns [T, H, D].
+
+        The sequences are padded to the longest into one [B, H, L, D] batch with a mask
+        hiding the padded keys: one SDPA call per layer (callers keep padding low by
+        batching inputs of similar length). When that masked batch would hold more than
+        ``_MAX_SCORES`` attention scores (long inputs), each sequence gets its own unmasked
+        call instead. Backends may override it with a kernel."""
+        num, heads, dim = q.shape
+        longest = max(seq_lens)
+        if len(seq_lens) == 1 or len(seq_lens) * heads * longest * longest > _MAX_SCORES:
+            # one call per sequence: no mask, so SDPA's fused kernel never materializes
+            # the [L, L] scores of long inputs
+            out = torch.empty_like(q)
+            at = 0
+            for n in seq_lens:
+                rows = slice(at, at + n)
+                out[rows] = torch.nn.functional.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1),
+                    scale=scale).transpose(0, 1)
+                at += n
+            return out
+        lens = torch.tensor(seq_lens)
+        valid = torch.arange(longest)[None, :] < lens[:, None]        # [B, L]
+        rows = valid.reshape(-1).nonzero().squeeze(1).to(q.device)
+        padded = []
+        for t in (q, k, v):
+            buf = t.new_zeros(len(seq_lens) * longest, heads, dim)
+            buf.index_copy_(0, rows, t)
+            padded.append(buf.view(len(seq_lens), longest, heads, dim).transpose(1, 2))
+        mask = valid.to(q.device)[:, None, None, :]                  # [B, 1, 1, L]
+        o = torch.nn.functional.scaled_dot_product_attention(*padded, attn_mask=mask,
+                                                             scale=scale)
+        return o.transpose(1, 2).reshape(-1, heads, dim).index_select(0, rows)
