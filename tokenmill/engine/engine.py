@@ -27,6 +27,7 @@ from tokenmill.engine.model_loading import load_model
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence, SequenceStatus, logit_bias_tensors
+from tokenmill.engine.spec_decode import SpecDecoder
 from tokenmill.layers.attention import attention_backend
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -59,7 +60,10 @@ class Engine:
         num_blocks = self.runner.num_blocks
         self.max_model_len = self._resolve_max_model_len(num_blocks * cc.block_size)
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.spec = (SpecDecoder(config.speculative, self.max_model_len)
+                     if config.speculative is not None else None)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
+                                   self.spec)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
                                        else mc.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -218,14 +222,25 @@ class Engine:
                     self._fail(req, "prompt logprobs", e)
                     touched[req.parent_id] = self.requests[req.parent_id]
         so = result.sampler_output
-        for i, req in enumerate(result.sampled_requests):
+        drafts = {id(s.request): s.spec_token_ids for s in sched.scheduled
+                  if s.spec_token_ids}
+        rows = result.sampled_requests
+        i = 0
+        while i < len(rows):
+            req = rows[i]
+            k = len(drafts.get(id(req), ()))
             if req.is_finished:  # failed above
+                i += k + 1
                 continue
             try:
-                self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
-                                   so.logprobs[i])
+                if k:
+                    self._append_speculative(req, drafts[id(req)], so, i)
+                else:
+                    self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
+                                       so.logprobs[i])
             except Exception as e:
                 self._fail(req, "handling its new token", e)
+            i += k + 1
             if req.grammar is not None and req.grammar.failure and not req.is_finished:
                 self._fail(req, None, req.grammar.failure)
             touched[req.parent_id] = self.requests[req.parent_id]
@@ -287,6 +302,24 @@ class Engine:
                 for tok, lp in entry.items():
                     lp.decoded_token = self.tokenizer.decode([tok], skip_special_tokens=False)
         return entries
+
+    def _append_speculative(self, req: Sequence, drafts: list[int], so, first: int) -> None:
+        """A speculative decode's k + 1 sampled rows (from row ``first``): appends the
+        sampled tokens while they confirm the proposals, and the first that does not (or
+        the one after the last proposal), stopping early if the sequence finishes; marks
+        the accepted proposals computed and rewinds a seeded generator to its state after
+        the last kept row, as if each kept token had been sampled in a step of its own."""
+        sampled = so.token_ids[first: first + len(drafts) + 1]
+        accepted = self.spec.accept(req, drafts, sampled)
+        for j in range(accepted + 1):
+            i = first + j
+            self._append_token(req, sampled[j], so.sampled_logprobs[i], so.logprobs[i])
+            if req.is_finished:
+                return
+        states = so.generator_states
+        if states and first + accepted in states:
+            req.generator.set_state(states[first + accepted])
+        self.scheduler.accept_spec(req, accepted)
 
     def _append_token(self, req: Sequence, token: int, logprob: float | None,
                       entry) -> None:

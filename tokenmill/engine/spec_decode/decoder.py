@@ -1,0 +1,116 @@
+"""``SpecDecoder``: who proposes how many tokens each step, and what was accepted.
+
+Proposals are made only where they are expected to pay:
+
+* not for a request whose sampling depends on its own recent tokens in a way the rows
+  of one step cannot see (repetition / presence / frequency penalties) or that carries a
+  grammar (structured outputs): speculation is simply off for those (their tokens stay
+  exact, at today's speed);
+* not in a step whose running decodes times ``k + 1`` exceed ``max_batch_rows``: a full
+  batch is already compute-bound, and extra rows would slow it;
+* not for a request whose recent acceptance rate (an exponential moving average of
+  accepted / proposed) fell below ``min_acceptance``; such a request re-probes once
+  every ``probe_interval`` steps, and resumes if the probe is accepted.
+
+Judging a step (``accept``): row j of a sequence with proposals ``d[0..k-1]`` sampled
+``x[j]`` given the tokens up to its position; the kept tokens are ``x[0..a]`` where a is
+the number of leading rows with ``x[j] == d[j]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenmill.config import SpeculativeConfig
+from tokenmill.engine.sequence import Sequence
+from tokenmill.engine.spec_decode.ngram import NgramProposer
+from tokenmill.engine.spec_decode.suffix import SuffixProposer
+
+EMA_WEIGHT = 0.3  # weight of the latest step in the acceptance estimate
+
+
+@dataclass
+class SpecDecodeStats:
+    """Cumulative counters, named as vLLM's ``spec_decode_*`` metrics."""
+
+    num_drafts: int = 0          # proposals verified (one per sequence and step)
+    num_draft_tokens: int = 0    # tokens proposed and verified
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)  # [j]: drafts accepted at j
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens produced per verified proposal: accepted + the one sampled after."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+@dataclass
+class _Acceptance:
+    rate: float = 1.0   # moving average of accepted / proposed
+    paused: int = 0     # steps skipped since the rate fell below the threshold
+
+
+class SpecDecoder:
+    def __init__(self, cfg: SpeculativeConfig, max_model_len: int) -> None:
+        self.cfg = cfg
+        self.max_model_len = max_model_len
+        if cfg.method == "ngram":
+            self.proposer = NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+        else:
+            self.proposer = SuffixProposer(cfg.suffix_cache_size, cfg.suffix_min_probability)
+        self.stats = SpecDecodeStats(accepted_per_pos=[0] * cfg.num_speculative_tokens)
+        self._acceptance: dict[int, _Acceptance] = {}  # id(sequence) -> its estimate
+
+    def step_allows(self, num_decodes: int) -> bool:
+        """The batch-size off-switch."""
+        return num_decodes * (self.cfg.num_speculative_tokens + 1) <= self.cfg.max_batch_rows
+
+    @staticmethod
+    def eligible(seq: Sequence) -> bool:
+        p = seq.sampling_params
+        return (seq.grammar is None and p.repetition_penalty == 1.0
+                and not p.presence_penalty and not p.frequency_penalty)
+
+    def propose(self, seq: Sequence, max_tokens: int) -> list[int]:
+        """The tokens to verify after the sequence's last token this step (maybe none);
+        at most ``max_tokens`` (what the step's budget leaves) and never past the
+        request's ``max_tokens`` or the context."""
+        p = seq.sampling_params
+        k = min(self.cfg.num_speculative_tokens, max_tokens,
+                self.max_model_len - seq.num_tokens)
+        if p.max_tokens is not None:
+            k = min(k, p.max_tokens - seq.num_output_tokens - 1)
+        if k <= 0 or not self.eligible(seq):
+            return []
+        acc = self._acceptance.setdefault(id(seq), _Acceptance())
+        if acc.rate < self.cfg.min_acceptance:
+            acc.paused += 1
+            if acc.paused < self.cfg.probe_interval:
+                return []
+            acc.paused = 0  # probe
+        return self.proposer.propose(seq, k)
+
+    def accept(self, seq: Sequence, drafts: list[int], sampled: list[int]) -> int:
+        """How many drafts are accepted given the tokens sampled at the k + 1 rows;
+        updates the counters and the sequence's acceptance estimate."""
+        a = 0
+        while a < len(drafts) and sampled[a] == drafts[a]:
+            a += 1
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += len(drafts)
+        s.num_accepted_tokens += a
+        for j in range(a):
+            s.accepted_per_pos[j] += 1
+        acc = self._acceptance.setdefault(id(seq), _Acceptance())
+        acc.rate = (1 - EMA_WEIGHT) * acc.rate + EMA_WEIGHT * a / len(drafts)
+        return a
+
+    def finished(self, seq: Sequence) -> None:
+        """A sequence ended: its estimate is dropped; the suffix cache learns its text."""
+        self._acceptance.pop(id(seq), None)
+        self.proposer.finished(seq)
