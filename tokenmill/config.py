@@ -244,7 +244,9 @@ class SpeculativeConfig:
     ``prompt_lookup_min`` tokens, that ends the sequence and occurred earlier in its prompt
     or output proposes what followed it) or "suffix" (a suffix trie over the request and
     a bounded cache of recent outputs proposes a variable-length continuation by
-    frequency). ``num_speculative_tokens``: the most tokens proposed per step.
+    frequency) or "draft_model" (``model``: a small model sharing the target's vocabulary
+    runs ahead greedily with its own paged KV). ``num_speculative_tokens``: the most
+    tokens proposed per step.
     ``max_batch_rows``: proposals are skipped in a step whose running decodes times
     ``num_speculative_tokens + 1`` exceed it (a full batch is already compute-bound).
     ``min_acceptance``: a request whose recent acceptance rate falls below it stops
@@ -252,6 +254,7 @@ class SpeculativeConfig:
 
     method: str
     num_speculative_tokens: int
+    model: str | None = None           # draft_model: the draft's checkpoint
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     suffix_cache_size: int = 256       # suffix: recent outputs of all requests kept
@@ -260,7 +263,7 @@ class SpeculativeConfig:
     min_acceptance: float = 0.2
     probe_interval: int = 16
 
-    METHODS = ("ngram", "suffix")
+    METHODS = ("ngram", "suffix", "draft_model")
 
     @classmethod
     def parse(cls, value: str | dict | None) -> SpeculativeConfig | None:
@@ -287,6 +290,9 @@ class SpeculativeConfig:
         if "num_speculative_tokens" not in value:
             raise ValueError("speculative_config needs num_speculative_tokens.")
         cfg = cls(method=method, **value)
+        if (method == "draft_model") != isinstance(cfg.model, str):
+            raise ValueError("speculative_config model (a checkpoint path) is required for "
+                             "method draft_model, and only for it.")
         ints = ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
                 "suffix_cache_size", "max_batch_rows", "probe_interval")
         for name in ints:

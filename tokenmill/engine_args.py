@@ -79,7 +79,8 @@ class EngineArgs:
     speculative_config: str | dict | None = _flag(
         None, 'speculative decoding, as JSON in vLLM\'s shape: {"method": "ngram", '
               '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4} '
-              'or {"method": "suffix", "num_speculative_tokens": 8}; greedy and sampled '
+              'or {"method": "suffix", "num_speculative_tokens": 8} or {"method": "draft_model", '
+              '"model": PATH, "num_speculative_tokens": 4}; greedy and sampled '
               'outputs keep the target\'s distribution exactly', shown="off")
 
     # ---- the command line -------------------------------------------------------------

@@ -109,3 +109,33 @@ def test_config_errors():
                          "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "exceed")):
         with pytest.raises(ValueError, match=words):
             SpeculativeConfig.parse(bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"], ids=["same-model", "other-model"])
+def test_draft_model_greedy_identical(setup, tiny_model_dir, arch):
+    """A draft that is the target itself (everything accepted) or another tiny model with
+    the same vocabulary (mostly rejected): the same tokens, and the draft's own pool
+    freed at the end."""
+    path, prompts, reference = setup
+    spec = {"method": "draft_model", "model": tiny_model_dir(arch),
+            "num_speculative_tokens": 3}
+    llm = make(path, spec)
+    assert run_engine(llm, prompts[:8]) == reference[:8]
+    stats = llm.engine.spec.stats
+    assert stats.num_draft_tokens > 0
+    if arch == "llama":
+        assert stats.num_accepted_tokens == stats.num_draft_tokens
+    draft = llm.engine.spec.proposer.blocks
+    assert draft.num_free_blocks == draft.pool.num_blocks
+
+
+def test_draft_with_another_vocabulary_is_refused(setup, tmp_path):
+    import transformers as tf
+
+    from tests.conftest import TINY
+
+    tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**TINY, "vocab_size": 300})
+                                        ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocabulary"):
+        make(setup[0], {"method": "draft_model", "model": str(tmp_path),
+                        "num_speculative_tokens": 2})

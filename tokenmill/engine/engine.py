@@ -28,6 +28,7 @@ from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence, SequenceStatus, logit_bias_tensors
 from tokenmill.engine.spec_decode import SpecDecoder
+from tokenmill.engine.spec_decode.draft import DraftModelProposer
 from tokenmill.layers.attention import attention_backend
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -60,8 +61,7 @@ class Engine:
         num_blocks = self.runner.num_blocks
         self.max_model_len = self._resolve_max_model_len(num_blocks * cc.block_size)
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.spec = (SpecDecoder(config.speculative, self.max_model_len)
-                     if config.speculative is not None else None)
+        self.spec = self._spec_decoder(config, show_progress)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    self.spec)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
@@ -70,6 +70,16 @@ class Engine:
         self._ids = itertools.count()
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size)
         self._compiling: list[Sequence] = []  # queued sequences whose grammar is not ready
+
+    def _spec_decoder(self, config: EngineConfig, show_progress: bool) -> SpecDecoder | None:
+        spec = config.speculative
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft_model":
+            draft = DraftModelProposer.load(config, self.model_config, self.kv_dtype,
+                                            self.tokenizer, show_progress)
+        return SpecDecoder(spec, self.max_model_len, draft)
 
     @staticmethod
     def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:

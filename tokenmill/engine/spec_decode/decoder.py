@@ -20,6 +20,7 @@ the number of leading rows with ``x[j] == d[j]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokenmill.config import SpeculativeConfig
 from tokenmill.engine.sequence import Sequence
@@ -27,6 +28,14 @@ from tokenmill.engine.spec_decode.ngram import NgramProposer
 from tokenmill.engine.spec_decode.suffix import SuffixProposer
 
 EMA_WEIGHT = 0.3  # weight of the latest step in the acceptance estimate
+
+
+class Proposer(Protocol):
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        """Up to k tokens expected to follow the sequence's tokens."""
+
+    def finished(self, seq: Sequence) -> None:
+        """The sequence ended: drop (or learn from) what is kept about it."""
 
 
 @dataclass
@@ -55,10 +64,15 @@ class _Acceptance:
 
 
 class SpecDecoder:
-    def __init__(self, cfg: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, cfg: SpeculativeConfig, max_model_len: int,
+                 proposer: Proposer | None = None) -> None:
+        """``proposer``: given for a draft model (which the engine loads); else built
+        from ``cfg.method``."""
         self.cfg = cfg
         self.max_model_len = max_model_len
-        if cfg.method == "ngram":
+        if proposer is not None:
+            self.proposer = proposer
+        elif cfg.method == "ngram":
             self.proposer = NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         else:
             self.proposer = SuffixProposer(cfg.suffix_cache_size, cfg.suffix_min_probability)
