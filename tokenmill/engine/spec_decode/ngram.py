@@ -1,9 +1,10 @@
 """N-gram proposals (prompt lookup) over a sequence's own prompt and output.
 
 The proposal for a sequence of tokens ``t[0:L]``: for n from ``max_n`` down to ``min_n``,
-find the most recent earlier occurrence of its last n tokens ``t[L-n:L]``, ending at
-``e < L``; propose ``t[e:e+k]``. The index of every n-gram's latest end is built
-incrementally (each token is indexed once per n), so a proposal costs O(max_n - min_n)
+find the earlier occurrences of its last n tokens ``t[L-n:L]``; of those, take the most
+recent one (ending at ``e < L``) if k tokens follow it, else the first one (the longest
+continuation); propose ``t[e:e+k]``. The index of every n-gram's first and latest end is
+built incrementally (each token is indexed once per n), so a proposal costs O(max_n - min_n)
 dictionary lookups, not a scan of the sequence.
 """
 
@@ -13,13 +14,13 @@ from tokenmill.engine.sequence import Sequence
 
 
 class _NgramIndex:
-    """For each n: n-gram (as a tuple) -> the end (exclusive) of its latest occurrence,
-    over the ends indexed so far."""
+    """For each n: n-gram (as a tuple) -> the ends (exclusive) of its first and latest
+    occurrences, over the ends indexed so far."""
 
     __slots__ = ("ends", "upto")
 
     def __init__(self, ns: range) -> None:
-        self.ends: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in ns}
+        self.ends: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in ns}
         self.upto = 0  # ends 1..upto-1 indexed
 
     def extend(self, tokens: list[int], upto: int) -> None:
@@ -27,7 +28,8 @@ class _NgramIndex:
         for end in range(max(self.upto, 1), upto):
             for n, table in self.ends.items():
                 if end >= n:
-                    table[tuple(tokens[end - n: end])] = end
+                    seen = table.setdefault(tuple(tokens[end - n: end]), [end, end])
+                    seen[1] = end
         self.upto = max(self.upto, upto)
 
 
@@ -36,8 +38,8 @@ class NgramProposer:
         self.ns = range(max_n, min_n - 1, -1)
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest
-        matching suffix; [] when none matches."""
+        """Up to k tokens that followed an earlier occurrence of the longest matching
+        suffix; [] when none matches."""
         tokens = seq.all_token_ids
         length = len(tokens)
         index = seq.spec_state
@@ -47,8 +49,9 @@ class NgramProposer:
         for n in self.ns:
             if length <= n:
                 continue
-            end = index.ends[n].get(tuple(tokens[length - n:]))
-            if end is not None:
+            ends = index.ends[n].get(tuple(tokens[length - n:]))
+            if ends is not None:
+                end = ends[1] if length - ends[1] >= k else ends[0]
                 return tokens[end: end + k]
         return []
 
