@@ -44,3 +44,20 @@ def test_acceptance_from_metrics_before_and_after():
     m.update({f"{s}_{k}_ms": 0 for k in ("ttft", "tpot", "itl", "e2el")
               for s in ("mean", "p50", "p90", "p99")}, input_len_measured=True, **summary)
     assert "Spec decode acceptance rate (%):" in format_summary(m)
+
+
+def test_bench_throughput_reports_acceptance(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from tests.cli.test_bench import run_cli
+
+    out = tmp_path / "t.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    assert run_cli(["throughput", "--model", tiny_model_dir("llama"), "--num-prompts", "2",
+                    "--input-len", "8", "--output-len", "24", "--kv-cache-memory", "1MiB",
+                    "--quantization", "q8_0", "--speculative-config", spec,
+                    "--disable-tqdm", "--output-json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["spec_decode_num_drafts"] > 0 and r["total_output_tokens"] == 48
+    assert 0 <= r["spec_decode_acceptance_rate"] <= 1
+    assert "Speculative decoding: acceptance rate" in capsys.readouterr().out

@@ -24,6 +24,26 @@ def spec_counters(metrics_text: str) -> dict[str, float]:
     return out
 
 
+def engine_spec_counters(llm: Any) -> dict[str, float]:
+    """The same counters, read from an offline ``LLM``'s engine ({} when speculation is
+    off)."""
+    spec = llm.engine.spec
+    if spec is None:
+        return {}
+    s = spec.stats
+    return {"num_drafts": s.num_drafts, "num_draft_tokens": s.num_draft_tokens,
+            "num_accepted_tokens": s.num_accepted_tokens}
+
+
+def spec_line(summary: dict[str, Any]) -> str:
+    """One line for a report, or "" without figures."""
+    if not summary:
+        return ""
+    return (f"Speculative decoding: acceptance rate "
+            f"{100 * summary['spec_decode_acceptance_rate']:.1f}%, mean accepted length "
+            f"{summary['spec_decode_mean_accepted_length']:.2f}")
+
+
 def spec_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """The run's acceptance figures, or {} when the counters are absent or no proposal
     was verified."""
