@@ -47,13 +47,28 @@ def test_greedy_identical_alone_and_batched(setup, spec):
     assert llm.engine.block_manager.num_hit_tokens > 0
 
 
-def test_greedy_identical_with_preemption(setup):
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_identical_with_preemption(setup, method):
     path, prompts, reference = setup
-    llm = make(path, NGRAM, kv_cache_memory=12 * 16 * 512, max_model_len=96,
+    spec = NGRAM if method == "ngram" else {"method": "draft_model", "model": path,
+                                            "num_speculative_tokens": 3}
+    llm = make(path, spec, kv_cache_memory=8 * 16 * 512, max_model_len=96,
                max_num_batched_tokens=48)
     assert run_engine(llm, prompts) == reference
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.spec.stats.num_accepted_tokens > 0
+
+
+def test_min_tokens_and_stop_tokens_identical(setup):
+    """Rows of one step ban stop tokens by their own position's min_tokens count."""
+    path, prompts, reference = setup
+    common = max(set(t for r in reference for t in r[:12]),
+                 key=lambda t: sum(r[:12].count(t) for r in reference))
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=6,
+                            stop_token_ids=[common])
+    outs = [run_engine(make(path, spec), prompts[:16], params) for spec in (None, NGRAM)]
+    assert outs[0] == outs[1]
+    assert any(len(o) < 24 for o in outs[0]) and any(common in o[:6] for o in reference[:16])
 
 
 def test_seeded_sampling_identical(setup):

@@ -68,7 +68,8 @@ class DraftModelProposer:
 
     def _sync(self, seq: Sequence) -> Sequence:
         """The sequence's shadow, holding the target's tokens, its computed positions
-        cut back to those the draft saw with the same tokens."""
+        cut back to those the draft saw with the same tokens, and never past the last
+        one (whose logits propose the next token)."""
         tokens = seq.all_token_ids
         shadow = seq.spec_state
         if not isinstance(shadow, Sequence):
@@ -76,7 +77,7 @@ class DraftModelProposer:
             return shadow
         seen = shadow.all_token_ids
         agree = 0
-        limit = min(len(seen), len(tokens), shadow.num_computed_tokens)
+        limit = min(len(seen), len(tokens) - 1, shadow.num_computed_tokens)
         while agree < limit and seen[agree] == tokens[agree]:
             agree += 1
         shadow.prompt_token_ids, shadow.output_token_ids = tokens, []
