@@ -41,17 +41,23 @@ def test_limits_and_ineligible_requests():
 
 def test_low_acceptance_pauses_then_reprobes():
     dec = SpecDecoder(CFG, 1000)
-    s = seq([5, 6, 7, 5, 6, 7, 5, 6])
+    s = seq([5, 6, 7] * 3 + [5, 6])
     proposals = []
     for _ in range(12):
         drafts = dec.propose(s, 10)
-        proposals.append(bool(drafts))
+        proposals.append(len(drafts))
         if drafts:
             dec.accept(s, drafts, [0] * (len(drafts) + 1))  # every proposal rejected
     # proposing until the estimate drops below 0.3 (1 -> 0.7 -> 0.49 -> 0.34 -> 0.24),
-    # then one probe every 4 steps
-    assert proposals == [True] * 4 + [False] * 3 + [True] + [False] * 3 + [True]
+    # then one probe every 4 steps; the accepted length (4 -> 2.8 -> 1.96 -> 1.37 ...)
+    # caps the proposals at one past it, rounded up
+    assert proposals == [4, 4, 3, 3, 0, 0, 0, 2, 0, 0, 0, 2]
     assert dec.stats.num_drafts == 6 and dec.stats.num_accepted_tokens == 0
+    for _ in range(8):  # all accepted from now on: back to proposing 4
+        drafts = dec.propose(s, 10)
+        if drafts:
+            dec.accept(s, drafts, [*drafts, 0])
+    assert len(dec.propose(s, 10)) == 4
     dec.finished(s)
     assert not dec._acceptance
 

@@ -10,7 +10,11 @@ Proposals are made only where they are expected to pay:
   batch is already compute-bound, and extra rows would slow it;
 * not for a request whose recent acceptance rate (an exponential moving average of
   accepted / proposed) fell below ``min_acceptance``; such a request re-probes once
-  every ``probe_interval`` steps, and resumes if the probe is accepted.
+  every ``probe_interval`` steps, and resumes if the probe is accepted;
+* no more tokens than one past the request's recent accepted length (a moving average of
+  accepted drafts per proposal, rounded up), so a request whose proposals are accepted only in part
+  verifies fewer rows, and one whose proposals are all accepted grows back to
+  ``num_speculative_tokens``.
 
 Judging a step (``accept``): row j of a sequence with proposals ``d[0..k-1]`` sampled
 ``x[j]`` given the tokens up to its position; the kept tokens are ``x[0..a]`` where a is
@@ -19,6 +23,7 @@ the number of leading rows with ``x[j] == d[j]``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,6 +64,7 @@ class SpecDecodeStats:
 
 @dataclass
 class _Acceptance:
+    length: float       # moving average of accepted drafts per proposal
     rate: float = 1.0   # moving average of accepted / proposed
     paused: int = 0     # steps skipped since the rate fell below the threshold
 
@@ -100,7 +106,8 @@ class SpecDecoder:
             k = min(k, p.max_tokens - seq.num_output_tokens - 1)
         if k <= 0 or not self.eligible(seq):
             return []
-        acc = self._acceptance.setdefault(id(seq), _Acceptance())
+        acc = self._estimate(seq)
+        k = min(k, math.ceil(acc.length) + 1)
         if acc.rate < self.cfg.min_acceptance:
             acc.paused += 1
             if acc.paused < self.cfg.probe_interval:
@@ -120,9 +127,17 @@ class SpecDecoder:
         s.num_accepted_tokens += a
         for j in range(a):
             s.accepted_per_pos[j] += 1
-        acc = self._acceptance.setdefault(id(seq), _Acceptance())
+        acc = self._estimate(seq)
         acc.rate = (1 - EMA_WEIGHT) * acc.rate + EMA_WEIGHT * a / len(drafts)
+        acc.length = (1 - EMA_WEIGHT) * acc.length + EMA_WEIGHT * a
         return a
+
+    def _estimate(self, seq: Sequence) -> _Acceptance:
+        acc = self._acceptance.get(id(seq))
+        if acc is None:
+            acc = self._acceptance[id(seq)] = _Acceptance(
+                length=float(self.cfg.num_speculative_tokens))
+        return acc
 
     def finished(self, seq: Sequence) -> None:
         """A sequence ended: its estimate is dropped; the suffix cache learns its text."""
