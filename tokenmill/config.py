@@ -257,7 +257,7 @@ class SpeculativeConfig:
     model: str | None = None           # draft_model: the draft's checkpoint
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
-    suffix_cache_size: int = 256       # suffix: recent outputs of all requests kept
+    suffix_cache_size: int = 32        # suffix: recent outputs of all requests kept
     suffix_min_probability: float = 0.1  # suffix: stop a proposal below this frequency
     max_batch_rows: int = 64
     min_acceptance: float = 0.2
