@@ -82,3 +82,21 @@ def test_cli_flag_reaches_the_config():
                             '{"method": "suffix", "num_speculative_tokens": 5}'])
     cfg = EngineConfig.from_args(EngineArgs.from_cli_args(ns).replace(model="m"))
     assert cfg.speculative == SpeculativeConfig(method="suffix", num_speculative_tokens=5)
+
+
+def test_request_trie_grown_token_by_token_equals_one_built_at_once():
+    import random
+
+    from tokenmill.engine.spec_decode.suffix import _RequestTrie, _Trie
+
+    rng = random.Random(0)
+    tokens = [rng.randrange(5) for _ in range(300)]
+    grown, built = _RequestTrie(), _Trie()
+    grown.extend(tokens[:100])
+    grown.extend(tokens)
+    built.add(tokens)
+
+    def dump(node):
+        return {t: (c.count, dump(c)) for t, c in node.children.items()}
+
+    assert dump(grown.root) == dump(built.root)

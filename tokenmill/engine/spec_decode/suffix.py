@@ -91,20 +91,24 @@ class _RequestTrie(_Trie):
         super().__init__()
         self.root.count = 1
         self.upto = 0
-        self.active: list[tuple[_Node, int]] = []  # (node, depth) of the open suffixes
+        # the nodes of the open suffixes, deepest (oldest start) first: the suffix that
+        # started i tokens ago is at depth i, and is closed once it reaches DEPTH
+        self.active: list[_Node] = []
 
     def extend(self, tokens: list[int]) -> None:
+        root = self.root
+        active = self.active
         for t in tokens[self.upto:]:
-            opened = []
-            for node, depth in [*self.active, (self.root, 0)]:
+            active.append(root)
+            for i, node in enumerate(active):
                 child = node.children.get(t)
                 if child is None:
                     child = node.children[t] = _Node()
                 child.count += 1
-                if depth + 1 < DEPTH:
-                    opened.append((child, depth + 1))
-            self.active = opened
-            self.root.count += 1
+                active[i] = child
+            if len(active) >= DEPTH:
+                del active[0]
+            root.count += 1
         self.upto = len(tokens)
 
 
