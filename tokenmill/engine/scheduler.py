@@ -83,8 +83,11 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[int, ScheduledSequence] = {}  # id(request) -> its share
-        speculate = self.spec is not None and self.spec.step_allows(
-            sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1))
+        proposals: dict[int, list[int]] = {}  # id(request) -> its proposed tokens
+        if self.spec is not None:
+            decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+            if self.spec.step_allows(len(decodes)):
+                proposals = self.spec.propose_all(decodes, budget - 1)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -93,7 +96,7 @@ class Scheduler:
             if num_new <= 0:  # cannot happen for a running request; never spin on it
                 i += 1
                 continue
-            drafts = self._propose(req, budget) if speculate and num_new == 1 else []
+            drafts = self._fit(req, proposals.get(id(req)), budget) if num_new == 1 else []
             if drafts:
                 scheduled[id(req)] = ScheduledSequence(req, 1 + len(drafts), drafts)
                 budget -= 1 + len(drafts)
@@ -116,10 +119,10 @@ class Scheduler:
         out.scheduled = list(scheduled.values())
         return out
 
-    def _propose(self, req: Sequence, budget: int) -> list[int]:
-        """Proposed tokens for a decode, with their slots allocated; [] if none, or if
-        the pool has no room for them without preempting."""
-        drafts = self.spec.propose(req, budget - 1)
+    def _fit(self, req: Sequence, drafts: list[int] | None, budget: int) -> list[int]:
+        """A decode's proposed tokens, cut to what the budget leaves, with their slots
+        allocated; [] if none, or if the pool has no room for them without preempting."""
+        drafts = (drafts or [])[: budget - 1]
         if drafts and not self.blocks.allocate_slots(req, 1 + len(drafts)):
             return []
         return drafts

@@ -99,21 +99,36 @@ class SpecDecoder:
         """The tokens to verify after the sequence's last token this step (maybe none);
         at most ``max_tokens`` (what the step's budget leaves) and never past the
         request's ``max_tokens`` or the context."""
+        return self.propose_all([seq], max_tokens).get(id(seq), [])
+
+    def propose_all(self, seqs: list[Sequence], max_tokens: int) -> dict[int, list[int]]:
+        """``propose`` for each sequence, as id(sequence) -> tokens (only those with
+        some); a proposer with ``propose_batch`` (the draft model) does them together."""
+        wanted = [(s, k) for s in seqs if (k := self._wanted(s, max_tokens)) > 0]
+        if not wanted:
+            return {}
+        batch = getattr(self.proposer, "propose_batch", None)
+        if batch is not None:
+            return batch(wanted)
+        return {id(s): self.proposer.propose(s, k) for s, k in wanted}
+
+    def _wanted(self, seq: Sequence, max_tokens: int) -> int:
+        """How many tokens to propose for the sequence this step (0: none)."""
         p = seq.sampling_params
         k = min(self.cfg.num_speculative_tokens, max_tokens,
                 self.max_model_len - seq.num_tokens)
         if p.max_tokens is not None:
             k = min(k, p.max_tokens - seq.num_output_tokens - 1)
         if k <= 0 or not self.eligible(seq):
-            return []
+            return 0
         acc = self._estimate(seq)
         k = min(k, math.ceil(acc.length) + 1)
         if acc.rate < self.cfg.min_acceptance:
             acc.paused += 1
             if acc.paused < self.cfg.probe_interval:
-                return []
+                return 0
             acc.paused = 0  # probe
-        return self.proposer.propose(seq, k)
+        return k
 
     def accept(self, seq: Sequence, drafts: list[int], sampled: list[int]) -> int:
         """How many drafts are accepted given the tokens sampled at the k + 1 rows;

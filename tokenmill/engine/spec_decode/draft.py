@@ -5,7 +5,8 @@ The draft has its own ``ModelRunner`` (weights, paged KV pool, sampler) and its 
 draft holding the tokens the draft has seen. To propose k tokens, the shadow is first
 synced with the target's tokens: its computed positions are cut back to the prefix the
 two agree on (drafts the target rejected are forgotten, their blocks trimmed), then the
-draft catches up on the new tokens and decodes greedily, one token per call, k times.
+draft catches up on the new tokens and decodes greedily, one token per call, k times;
+the sequences proposing in a step are drafted together, one batch per draft token.
 
 Greedy drafts are a deterministic proposal, so the target's verification (sample each
 row, keep while equal) stays exact for sampled requests too: the ``min(1, p/q)`` rule
@@ -86,25 +87,42 @@ class DraftModelProposer:
         return shadow
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
-        try:
-            return self._propose(seq, k)
-        except Exception:
-            logger.exception("the draft model failed; %s decodes without proposals",
-                             seq.request_id)
-            return []
+        return self.propose_batch([(seq, k)]).get(id(seq), [])
 
-    def _propose(self, seq: Sequence, k: int) -> list[int]:
-        shadow = self._sync(seq)
-        drafts: list[int] = []
-        while len(drafts) < k and shadow.num_tokens < self.max_len:
-            new = shadow.num_tokens - shadow.num_computed_tokens
-            if not self.blocks.allocate_slots(shadow, new):
+    def propose_batch(self, wanted: list[tuple[Sequence, int]]) -> dict[int, list[int]]:
+        """Proposals for several sequences (each with its k), drafted together: each
+        draft step runs every shadow that still wants a token in one batch."""
+        try:
+            return self._propose_batch(wanted)
+        except Exception:
+            logger.exception("the draft model failed; this step decodes without proposals")
+            return {}
+
+    def _propose_batch(self, wanted: list[tuple[Sequence, int]]) -> dict[int, list[int]]:
+        drafts: dict[int, list[int]] = {}
+        live = []
+        for seq, k in wanted:
+            shadow = self._sync(seq)
+            drafts[id(seq)] = []
+            live.append((seq, shadow, k))
+        while live:
+            step = []
+            for seq, shadow, k in live:
+                new = shadow.num_tokens - shadow.num_computed_tokens
+                if shadow.num_tokens < self.max_len and self.blocks.allocate_slots(shadow, new):
+                    step.append((seq, shadow, k, new))
+            if not step:
                 break
-            result = self.runner.execute(SchedulerOutput([ScheduledSequence(shadow, new)]))
-            shadow.num_computed_tokens += new
-            token = result.sampler_output.token_ids[0]
-            shadow.output_token_ids.append(token)
-            drafts.append(token)
+            result = self.runner.execute(SchedulerOutput(
+                [ScheduledSequence(shadow, new) for _, shadow, _, new in step]))
+            live = []
+            for (seq, shadow, k, new), token in zip(step, result.sampler_output.token_ids,
+                                                    strict=True):
+                shadow.num_computed_tokens += new
+                shadow.output_token_ids.append(token)
+                drafts[id(seq)].append(token)
+                if len(drafts[id(seq)]) < k:
+                    live.append((seq, shadow, k))
         return drafts
 
     def finished(self, seq: Sequence) -> None:
