@@ -100,3 +100,20 @@ def test_request_trie_grown_token_by_token_equals_one_built_at_once():
         return {t: (c.count, dump(c)) for t, c in node.children.items()}
 
     assert dump(grown.root) == dump(built.root)
+
+
+def test_step_cost_switches_speculation_off_while_it_is_slower():
+    from tokenmill.engine.spec_decode.cost import COOLDOWN, PLAIN_EVERY, StepCost
+
+    cost = StepCost()
+    allowed = [cost.allows() for _ in range(PLAIN_EVERY)]
+    assert allowed == [True] * (PLAIN_EVERY - 1) + [False]  # a plain step to measure
+    for _ in range(4):
+        cost.record(0.1, 1, speculated=False)   # 0.1 s per token plain
+        cost.record(0.3, 4, speculated=True)    # 0.075 s per token speculating
+    assert cost.cooldown == 0
+    for _ in range(4):
+        cost.record(0.3, 2, speculated=True)    # now 0.15 s per token: slower
+    assert cost.cooldown == COOLDOWN and cost.num_switched_off == 1
+    assert not any(cost.allows() for _ in range(COOLDOWN))
+    assert cost.allows()  # tried again

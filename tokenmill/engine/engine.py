@@ -195,6 +195,7 @@ class Engine:
         """Runs one scheduling step; returns the outputs of the user requests that made
         progress (new tokens or finished)."""
         failed = self._check_compiling() if self._compiling else []
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty():
             if self._compiling:  # nothing else to do: wait (briefly) for a grammar
@@ -254,7 +255,18 @@ class Engine:
             if req.grammar is not None and req.grammar.failure and not req.is_finished:
                 self._fail(req, None, req.grammar.failure)
             touched[req.parent_id] = self.requests[req.parent_id]
+        if self.spec is not None:
+            self._record_step_cost(sched, time.perf_counter() - start, drafts)
         return failed + [self._make_output(u) for u in touched.values()]
+
+    def _record_step_cost(self, sched, seconds: float, drafts: dict[int, list[int]]) -> None:
+        """Tells the step-cost switch what a decode-only step cost per produced token
+        (a step with prefill rows says nothing about decoding)."""
+        accepted, self.spec.last_accepted = self.spec.last_accepted, {}
+        if any(s.num_new_tokens - len(s.spec_token_ids) != 1 for s in sched.scheduled):
+            return
+        produced = sum(1 + accepted.get(id(s.request), 0) for s in sched.scheduled)
+        self.spec.cost.record(seconds, produced, bool(drafts))
 
     def _step_failed(self, sched, error: Exception) -> list[RequestOutput]:
         """A step raised: a sequence that ran alone caused it and ends with an error;

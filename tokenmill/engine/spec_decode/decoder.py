@@ -8,6 +8,8 @@ Proposals are made only where they are expected to pay:
   exact, at today's speed);
 * not in a step whose running decodes times ``k + 1`` exceed ``max_batch_rows``: a full
   batch is already compute-bound, and extra rows would slow it;
+* not while speculative steps cost more per produced token than plain ones
+  (``cost.StepCost``: measured, with plain steps interleaved, re-tried after a while);
 * not for a request whose recent acceptance rate (an exponential moving average of
   accepted / proposed) fell below ``min_acceptance``; such a request re-probes once
   every ``probe_interval`` steps, and resumes if the probe is accepted;
@@ -29,6 +31,7 @@ from typing import Protocol
 
 from tokenmill.config import SpeculativeConfig
 from tokenmill.engine.sequence import Sequence
+from tokenmill.engine.spec_decode.cost import StepCost
 from tokenmill.engine.spec_decode.ngram import NgramProposer
 from tokenmill.engine.spec_decode.suffix import SuffixProposer
 
@@ -84,10 +87,13 @@ class SpecDecoder:
             self.proposer = SuffixProposer(cfg.suffix_cache_size, cfg.suffix_min_probability)
         self.stats = SpecDecodeStats(accepted_per_pos=[0] * cfg.num_speculative_tokens)
         self._acceptance: dict[int, _Acceptance] = {}  # id(sequence) -> its estimate
+        self.cost = StepCost()
+        self.last_accepted: dict[int, int] = {}  # this step's accepted drafts, by sequence
 
     def step_allows(self, num_decodes: int) -> bool:
-        """The batch-size off-switch."""
-        return num_decodes * (self.cfg.num_speculative_tokens + 1) <= self.cfg.max_batch_rows
+        """The batch-size and step-cost off-switches (called once per step)."""
+        return (num_decodes * (self.cfg.num_speculative_tokens + 1) <= self.cfg.max_batch_rows
+                and self.cost.allows())
 
     @staticmethod
     def eligible(seq: Sequence) -> bool:
@@ -142,6 +148,7 @@ class SpecDecoder:
         s.num_accepted_tokens += a
         for j in range(a):
             s.accepted_per_pos[j] += 1
+        self.last_accepted[id(seq)] = a
         acc = self._estimate(seq)
         acc.rate = (1 - EMA_WEIGHT) * acc.rate + EMA_WEIGHT * a / len(drafts)
         acc.length = (1 - EMA_WEIGHT) * acc.length + EMA_WEIGHT * a
