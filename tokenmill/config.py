@@ -6,9 +6,10 @@ translated into that shape by the loader), so the model code knows one conventio
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -419,6 +420,80 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, parsed from vLLM's ``--speculative-config`` JSON shape.
+
+    ``method``: "ngram" (prompt lookup: the longest n-gram, ``prompt_lookup_max`` down to
+    ``prompt_lookup_min`` tokens, that ends the sequence and occurred earlier in its prompt
+    or output proposes what followed it) or "suffix" (a suffix trie over the request and
+    a bounded cache of recent outputs proposes a variable-length continuation by
+    frequency) or "draft_model" (``model``: a small model sharing the target's vocabulary
+    runs ahead greedily with its own paged KV). ``num_speculative_tokens``: the most
+    tokens proposed per step.
+    ``max_batch_rows``: proposals are skipped in a step whose running decodes times
+    ``num_speculative_tokens + 1`` exceed it (a full batch is already compute-bound).
+    ``min_acceptance``: a request whose recent acceptance rate falls below it stops
+    proposing, re-probing every ``probe_interval`` steps."""
+
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None           # draft_model: the draft's checkpoint
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    suffix_cache_size: int = 32        # suffix: recent outputs of all requests kept
+    suffix_min_probability: float = 0.1  # suffix: stop a proposal below this frequency
+    max_batch_rows: int = 64
+    min_acceptance: float = 0.2
+    probe_interval: int = 16
+
+    METHODS = ("ngram", "suffix", "draft_model")
+
+    @classmethod
+    def parse(cls, value: str | dict | None) -> SpeculativeConfig | None:
+        """A JSON string or dict; None (or "") is off. Raises ValueError naming what is
+        wrong: bad JSON, an unknown method or key, or a value out of range."""
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("speculative_config must be a JSON object.")
+        value = dict(value)
+        method = value.pop("method", None)
+        if method not in cls.METHODS:
+            raise ValueError(f"speculative_config method must be one of {cls.METHODS}, "
+                             f"got {method!r}.")
+        known = {f.name for f in fields(cls)} - {"method"}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys: {sorted(unknown)}.")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config needs num_speculative_tokens.")
+        cfg = cls(method=method, **value)
+        if (method == "draft_model") != isinstance(cfg.model, str):
+            raise ValueError("speculative_config model (a checkpoint path) is required for "
+                             "method draft_model, and only for it.")
+        ints = ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                "suffix_cache_size", "max_batch_rows", "probe_interval")
+        for name in ints:
+            v = getattr(cfg, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"speculative_config {name} must be an integer >= 1, "
+                                 f"got {v!r}.")
+        if cfg.prompt_lookup_min > cfg.prompt_lookup_max:
+            raise ValueError("speculative_config prompt_lookup_min must not exceed "
+                             "prompt_lookup_max.")
+        for name in ("min_acceptance", "suffix_min_probability"):
+            v = getattr(cfg, name)
+            if not isinstance(v, int | float) or not 0 <= v <= 1:
+                raise ValueError(f"speculative_config {name} must be in [0, 1], got {v!r}.")
+        return cfg
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to start, checked and typed; built from ``EngineArgs``."""
 
@@ -435,6 +510,7 @@ class EngineConfig:
     quantization: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None  # speculative decoding; None: off
 
     @classmethod
     def create(cls, **flags: Any) -> EngineConfig:
@@ -478,4 +554,5 @@ class EngineConfig:
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 scheduling_policy=args.scheduling_policy,
             ),
+            speculative=SpeculativeConfig.parse(args.speculative_config),
         )

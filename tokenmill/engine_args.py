@@ -81,6 +81,12 @@ class EngineArgs:
         choices=("auto", "generate", "embed"))
     skip_tokenizer_init: bool = _flag(False, "run without a tokenizer (token ids only)",
                                       on_cli=False)
+    speculative_config: str | dict | None = _flag(
+        None, 'speculative decoding, as JSON in vLLM\'s shape: {"method": "ngram", '
+              '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4} '
+              'or {"method": "suffix", "num_speculative_tokens": 8} or {"method": "draft_model", '
+              '"model": PATH, "num_speculative_tokens": 4}; greedy and sampled '
+              'outputs keep the target\'s distribution exactly', shown="off")
 
     # ---- the command line -------------------------------------------------------------
     @classmethod

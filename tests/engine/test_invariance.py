@@ -12,10 +12,11 @@ from tokenmill import LLM, SamplingParams
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
-def run_engine(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+def run_engine(llm: LLM, prompts: list[list[int]], params: SamplingParams = PARAMS
+               ) -> list[list[int]]:
     """Drives the engine step by step, checking the block invariants after every step."""
     engine = llm.engine
-    ids = [engine.add_request(p, PARAMS) for p in prompts]
+    ids = [engine.add_request(p, params) for p in prompts]
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

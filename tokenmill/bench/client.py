@@ -185,6 +185,14 @@ class BenchClient:
             raise ValueError(f"{self.base_url}/v1/models lists no model; pass --model.")
         return str(data[0]["id"])
 
+    async def metrics_text(self) -> str:
+        """GET /metrics (the Prometheus exposition), or "" where the server has none."""
+        try:
+            resp = await self.http.get(self.base_url + "/metrics")
+        except httpx.HTTPError:
+            return ""
+        return resp.text if resp.status_code == 200 else ""
+
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming POST; raises ValueError on any failure."""
         try:

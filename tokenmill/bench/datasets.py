@@ -21,6 +21,10 @@ sessions run concurrently. This one shape covers the three datasets:
     ``C`` sessions of ``T`` turns of about ``input_len`` tokens each; turn ``k``'s
     request holds turns ``1..k`` and answers ``1..k-1``, so conversations grow and
     every request repeats the previous request as its prefix.
+``grounded``
+    ``num_prompts`` sessions of one turn: a task over an excerpt of about ``input_len``
+    words of the project's own source whose answer copies much of it (``grounded``),
+    for speculative decoding.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-DATASETS = ("random", "shared-prefix", "multi-turn")
+from tokenmill.bench.grounded import grounded_prompts
+
+DATASETS = ("random", "shared-prefix", "multi-turn", "grounded")
 
 # Common English words that most BPE vocabularies hold as one token with a leading space.
 WORDS = tuple("""
@@ -140,6 +146,10 @@ def build_sessions(spec: DatasetSpec, calib: Calibration) -> list[Session]:
         n = calib.words_for(spec.input_len)
         return [Session(i, (random_words(rng, n),), (calib.tokens_for(n),))
                 for i in range(spec.num_prompts)]
+    if spec.name == "grounded":
+        prompts = grounded_prompts(spec.num_prompts, spec.input_len, spec.seed)
+        return [Session(i, (text,), (calib.tokens_for(len(text.split())),))
+                for i, text in enumerate(prompts)]
     if spec.name == "shared-prefix":
         # The per-prompt overhead is counted in the prefix, so prefix + question is
         # about prefix_len + input_len tokens.

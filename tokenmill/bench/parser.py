@@ -65,13 +65,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     g.add_argument("--timeout", type=float, default=3600.0, help="seconds per request")
     d = s.add_argument_group("dataset")
-    d.add_argument("--dataset", choices=["random", "shared-prefix", "multi-turn"],
+    d.add_argument("--dataset", choices=["random", "shared-prefix", "multi-turn", "grounded"],
                    default="random")
     d.add_argument("--num-prompts", type=int, default=100,
                    help="requests for random and shared-prefix")
     d.add_argument("--input-len", type=int, default=128,
                    help="prompt tokens (shared-prefix: the question after the prefix; "
-                        "multi-turn: each user turn)")
+                        "multi-turn: each user turn; grounded: words of source excerpt)")
     d.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
     d.add_argument("--prefix-len", type=int, default=1000,
                    help="shared-prefix: tokens of each group's system prompt")

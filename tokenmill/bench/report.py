@@ -44,6 +44,11 @@ def format_summary(m: dict[str, Any]) -> str:
         lines.append(_row("SLO attainment (%):", 100 * m["slo_attainment"]))
     if "prefix_cache_hit_rate" in m:
         lines.append(_row("Prefix cache hit rate (%):", 100 * m["prefix_cache_hit_rate"]))
+    if "spec_decode_acceptance_rate" in m:
+        lines.append(_row("Spec decode acceptance rate (%):",
+                          100 * m["spec_decode_acceptance_rate"]))
+        lines.append(_row("Spec decode mean accepted length:",
+                          m["spec_decode_mean_accepted_length"]))
     for key, title in (("ttft", "Time to First Token"),
                        ("tpot", "Time per Output Token (excl. 1st token)"),
                        ("itl", "Inter-token Latency"),

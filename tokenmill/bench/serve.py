@@ -43,6 +43,7 @@ from tokenmill.bench.datasets import (
 )
 from tokenmill.bench.metrics import parse_slo, summarize
 from tokenmill.bench.report import format_summary, write_result_json
+from tokenmill.bench.spec_metrics import spec_counters, spec_summary
 
 PROBE_WORDS = (16, 80)
 SYSTEM_PROBE_WORDS = 8
@@ -212,11 +213,14 @@ async def benchmark(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Any],
               f"{cfg.max_concurrency or 'unlimited'}; "
               f"{calib.slope:.2f} tokens/word + {calib.intercept:.1f} per prompt "
               f"({'measured' if calib.measured else 'assumed'})", file=sys.stderr)
+        spec_before = spec_counters(await client.metrics_text())
         with tqdm(total=cfg.dataset.num_requests, disable=cfg.disable_tqdm,
                   desc="requests", unit="req") as bar:
             records, duration = await run_sessions(client, template, sessions, offsets,
                                                    cfg.max_concurrency, bar)
+        spec_after = spec_counters(await client.metrics_text())
     metrics = summarize(records, duration, cfg.slo, cfg.dataset.output_len)
+    metrics.update(spec_summary(spec_before, spec_after))
     config = asdict(cfg)
     config.pop("api_key")  # never write a secret into a results file
     config.update(model=model, base_url=client.base_url, path=template.path,

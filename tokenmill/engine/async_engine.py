@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.engine import Engine, Request
+from tokenmill.engine.spec_decode import SpecDecodeStats
 from tokenmill.engine_args import EngineArgs
 from tokenmill.loader.default_model import with_default_model
 from tokenmill.outputs import RequestOutput
@@ -81,6 +82,7 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0     # of which found cached
     kv_cache_touched: float = 0.0  # fraction of KV blocks ever used (resident pages)
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding's counters, if on
 
 
 _STOP = object()
@@ -232,7 +234,8 @@ class AsyncEngine:
                            num_preemptions=sched.num_preemptions,
                            prefix_cache_queries=self.engine.block_manager.num_queried_tokens,
                            prefix_cache_hits=self.engine.block_manager.num_hit_tokens,
-                           kv_cache_touched=self.engine.block_manager.touched)
+                           kv_cache_touched=self.engine.block_manager.touched,
+                           spec_decode=self.engine.spec.stats if self.engine.spec else None)
 
     # ---- requests ---------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,

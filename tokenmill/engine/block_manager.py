@@ -195,6 +195,15 @@ class BlockManager:
             request.block_ids.extend(self.pool.allocate(extra))
         return True
 
+    def trim(self, request: Sequence, num_tokens: int) -> None:
+        """Frees the request's blocks past those that ``num_tokens`` tokens need (blocks
+        that held only rejected speculative tokens), tail first. They were never
+        published: only computed (verified) tokens reach the prefix cache."""
+        keep = max(self.blocks_needed(num_tokens), request.num_published_blocks)
+        if len(request.block_ids) > keep:
+            self.pool.free(request.block_ids[keep:][::-1])
+            del request.block_ids[keep:]
+
     def free(self, request: Sequence) -> None:
         """Returns all of a request's blocks (on finish, abort or preemption), tail first
         so that a cached prefix outlives its extensions in the LRU order."""

@@ -27,6 +27,8 @@ from tokenmill.engine.model_loading import load_model
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Sequence, SequenceStatus, logit_bias_tensors
+from tokenmill.engine.spec_decode import SpecDecoder
+from tokenmill.engine.spec_decode.draft import DraftModelProposer
 from tokenmill.layers.attention import attention_backend
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -59,13 +61,25 @@ class Engine:
         num_blocks = self.runner.num_blocks
         self.max_model_len = self._resolve_max_model_len(num_blocks * cc.block_size)
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.spec = self._spec_decoder(config, show_progress)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
+                                   self.spec)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer
                                        else mc.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.structured = StructuredOutputManager(self.tokenizer, mc.vocab_size)
         self._compiling: list[Sequence] = []  # queued sequences whose grammar is not ready
+
+    def _spec_decoder(self, config: EngineConfig, show_progress: bool) -> SpecDecoder | None:
+        spec = config.speculative
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft_model":
+            draft = DraftModelProposer.load(config, self.model_config, self.kv_dtype,
+                                            self.tokenizer, show_progress)
+        return SpecDecoder(spec, self.max_model_len, draft)
 
     @staticmethod
     def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:
@@ -181,6 +195,7 @@ class Engine:
         """Runs one scheduling step; returns the outputs of the user requests that made
         progress (new tokens or finished)."""
         failed = self._check_compiling() if self._compiling else []
+        start = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty():
             if self._compiling:  # nothing else to do: wait (briefly) for a grammar
@@ -218,18 +233,40 @@ class Engine:
                     self._fail(req, "prompt logprobs", e)
                     touched[req.parent_id] = self.requests[req.parent_id]
         so = result.sampler_output
-        for i, req in enumerate(result.sampled_requests):
+        drafts = {id(s.request): s.spec_token_ids for s in sched.scheduled
+                  if s.spec_token_ids}
+        rows = result.sampled_requests
+        i = 0
+        while i < len(rows):
+            req = rows[i]
+            k = len(drafts.get(id(req), ()))
             if req.is_finished:  # failed above
+                i += k + 1
                 continue
             try:
-                self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
-                                   so.logprobs[i])
+                if k:
+                    self._append_speculative(req, drafts[id(req)], so, i)
+                else:
+                    self._append_token(req, so.token_ids[i], so.sampled_logprobs[i],
+                                       so.logprobs[i])
             except Exception as e:
                 self._fail(req, "handling its new token", e)
+            i += k + 1
             if req.grammar is not None and req.grammar.failure and not req.is_finished:
                 self._fail(req, None, req.grammar.failure)
             touched[req.parent_id] = self.requests[req.parent_id]
+        if self.spec is not None:
+            self._record_step_cost(sched, time.perf_counter() - start, drafts)
         return failed + [self._make_output(u) for u in touched.values()]
+
+    def _record_step_cost(self, sched, seconds: float, drafts: dict[int, list[int]]) -> None:
+        """Tells the step-cost switch what a decode-only step cost per produced token
+        (a step with prefill rows says nothing about decoding)."""
+        accepted, self.spec.last_accepted = self.spec.last_accepted, {}
+        if any(s.num_new_tokens - len(s.spec_token_ids) != 1 for s in sched.scheduled):
+            return
+        produced = sum(1 + accepted.get(id(s.request), 0) for s in sched.scheduled)
+        self.spec.cost.record(seconds, produced, bool(drafts))
 
     def _step_failed(self, sched, error: Exception) -> list[RequestOutput]:
         """A step raised: a sequence that ran alone caused it and ends with an error;
@@ -287,6 +324,24 @@ class Engine:
                 for tok, lp in entry.items():
                     lp.decoded_token = self.tokenizer.decode([tok], skip_special_tokens=False)
         return entries
+
+    def _append_speculative(self, req: Sequence, drafts: list[int], so, first: int) -> None:
+        """A speculative decode's k + 1 sampled rows (from row ``first``): appends the
+        sampled tokens while they confirm the proposals, and the first that does not (or
+        the one after the last proposal), stopping early if the sequence finishes; marks
+        the accepted proposals computed and rewinds a seeded generator to its state after
+        the last kept row, as if each kept token had been sampled in a step of its own."""
+        sampled = so.token_ids[first: first + len(drafts) + 1]
+        accepted = self.spec.accept(req, drafts, sampled)
+        for j in range(accepted + 1):
+            i = first + j
+            self._append_token(req, sampled[j], so.sampled_logprobs[i], so.logprobs[i])
+            if req.is_finished:
+                return
+        states = so.generator_states
+        if states and first + accepted in states:
+            req.generator.set_state(states[first + accepted])
+        self.scheduler.accept_spec(req, accepted)
 
     def _append_token(self, req: Sequence, token: int, logprob: float | None,
                       entry) -> None:

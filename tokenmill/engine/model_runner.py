@@ -7,6 +7,11 @@ attention backend reads (``AttentionMetadata``), and the rows whose logits are n
 the last row of each request that samples, plus prompt rows for prompt_logprobs. Logits
 are computed for those rows only: the LM head is a big matmul and a prefill chunk
 samples at most one token.
+
+A speculative decode (a decode with proposed tokens) is laid out as k + 1 decode rows,
+each attending to the paged cache up to its own position, so each row's arithmetic is
+that of a plain one-token decode at its position (bit-identical logits; the fused CPU
+decode path runs them), and each row samples.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ class ModelInput:
     positions: torch.Tensor          # [T]
     attention: AttentionMetadata
     logit_rows: list[int]            # rows of the batch whose logits are computed
-    sampled: list[Sequence]          # the sequences that sample a token this step
+    sampled: list[Sequence]          # the sequences that sample a token this step (a
+    # speculative decode once per row: its last token's and each proposal's)
     sample_idx: list[int]            # their rows within ``logit_rows``
+    # per sampled row: None for a plain one, else how many proposals precede its position
+    spec_offsets: list[int | None]
     # prompt logprobs wanted: (sequence, first prompt position, first logit row, count)
     prompt_logprobs: list[tuple[Sequence, int, int, int]]
 
@@ -70,13 +78,18 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch
     return torch.frombuffer(buf, dtype=dtype, count=numel).view(shape)
 
 
-def sampling_metadata(seqs: list[Sequence]) -> SamplingMetadata:
-    """The sampler's view of the sequences that sample this step."""
+def sampling_metadata(seqs: list[Sequence], spec_offsets: list[int | None] | None = None
+                      ) -> SamplingMetadata:
+    """The sampler's view of the sequences that sample this step. ``spec_offsets[i]``
+    (speculative rows): how many proposed tokens precede row i's position, which
+    ``min_tokens`` counts as output; those rows keep their generator's state after their
+    draw, for the engine to rewind to the last kept row."""
+    spec_offsets = spec_offsets or [None] * len(seqs)
     rows = []
-    for seq in seqs:
+    for seq, offset in zip(seqs, spec_offsets, strict=True):
         p = seq.sampling_params
         banned: frozenset[int] = frozenset()
-        if seq.num_output_tokens < p.min_tokens:
+        if seq.num_output_tokens + (offset or 0) < p.min_tokens:
             banned = frozenset(p.all_stop_token_ids)
             if not p.ignore_eos:
                 banned |= seq.eos_token_ids
@@ -84,7 +97,7 @@ def sampling_metadata(seqs: list[Sequence]) -> SamplingMetadata:
             params=p, generator=seq.generator, grammar=seq.grammar, banned_token_ids=banned,
             output_token_ids=seq.output_token_ids,
             token_ids=seq.all_token_ids if p.repetition_penalty != 1.0 else None,
-            logit_bias=seq.logit_bias))
+            logit_bias=seq.logit_bias, keep_state=offset is not None))
     return SamplingMetadata(rows)
 
 
@@ -154,14 +167,29 @@ class ModelRunner:
         slot_mapping: list[int] = []
         prefills: list[PrefillSegment] = []
         decode_rows: list[int] = []
-        decode_reqs: list[Sequence] = []
+        decode_reqs: list[tuple[Sequence, int]] = []  # (sequence, positions attended)
         logit_rows: list[int] = []
         sampled: list[Sequence] = []
         sample_idx: list[int] = []  # which logit rows belong to the sampling requests
+        spec_offsets: list[int | None] = []
         prompt_lp: list[tuple[Sequence, int, int, int]] = []  # req, first pos, row0, count
         row = 0
         for s in out.scheduled:
             req, c, q = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            if s.spec_token_ids:  # k + 1 decode rows, each sampling
+                ids.append(req.token_at(c))
+                ids.extend(s.spec_token_ids)
+                positions.extend(range(c, c + q))
+                slot_mapping.extend(self._slots(req, c, c + q))
+                for j in range(q):
+                    decode_rows.append(row + j)
+                    decode_reqs.append((req, c + j + 1))
+                    sampled.append(req)
+                    sample_idx.append(len(logit_rows))
+                    spec_offsets.append(j)
+                    logit_rows.append(row + j)
+                row += q
+                continue
             if q == 1:
                 ids.append(req.token_at(c))
             elif c + q > req.num_prompt_tokens:
@@ -172,7 +200,7 @@ class ModelRunner:
             slot_mapping.extend(self._slots(req, c, c + q))
             if q == 1:
                 decode_rows.append(row)
-                decode_reqs.append(req)
+                decode_reqs.append((req, c + 1))
             elif c == 0:
                 prefills.append(PrefillSegment(row, q, 0, None, None))
             else:
@@ -189,6 +217,7 @@ class ModelRunner:
             if s.samples:
                 sampled.append(req)
                 sample_idx.append(len(logit_rows))
+                spec_offsets.append(None)
                 logit_rows.append(row + q - 1)
             row += q
 
@@ -212,7 +241,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
             attention=meta, logit_rows=logit_rows, sampled=sampled, sample_idx=sample_idx,
-            prompt_logprobs=prompt_lp)
+            spec_offsets=spec_offsets, prompt_logprobs=prompt_lp)
 
     def _prefill_tables(self, out: SchedulerOutput, prefills: list[PrefillSegment]):
         """The prefill segments' block tables (padded), and for each prefill row: its row
@@ -220,7 +249,7 @@ class ModelRunner:
         if not prefills:
             return None, None, None, None
         segs = [(s.request, s.request.num_computed_tokens, s.num_new_tokens)
-                for s in out.scheduled if s.num_new_tokens > 1]  # in the order of prefills
+                for s in out.scheduled if s.num_new_tokens > 1 and not s.spec_token_ids]
         max_blocks = -(-max(c + q for _, c, q in segs) // self.block_size)
         tables, rows, row_seg, lens = [], [], [], []
         for i, ((req, c, q), seg) in enumerate(zip(segs, prefills, strict=True)):
@@ -235,17 +264,18 @@ class ModelRunner:
 
         return tensor(tables), tensor(rows), tensor(row_seg), tensor(lens)
 
-    def _decode_tables(self, reqs: list[Sequence]
+    def _decode_tables(self, reqs: list[tuple[Sequence, int]]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded [n, max_blocks] block table of the decodes, the mask of their
-        [n, 1, 1, max_blocks * block_size] gathered positions, and their lengths [n]."""
+        """Padded [n, max_blocks] block table of the decode rows (sequence, positions it
+        attends to), the mask of their [n, 1, 1, max_blocks * block_size] gathered
+        positions, and their lengths [n]."""
         if not reqs:
             empty = torch.empty(0, 0, dtype=torch.long)
             return empty, empty.bool(), torch.empty(0, dtype=torch.long)
-        lens = [r.num_computed_tokens + 1 for r in reqs]
+        lens = [n for _, n in reqs]
         max_blocks = -(-max(lens) // self.block_size)
         rows = []
-        for r, n_tokens in zip(reqs, lens, strict=True):
+        for (r, _), n_tokens in zip(reqs, lens, strict=True):
             n = -(-n_tokens // self.block_size)
             rows.append(r.block_ids[:n] + [0] * (max_blocks - n))
         table = torch.tensor(rows, dtype=torch.long)
@@ -273,5 +303,5 @@ class ModelRunner:
         sampler_output = None
         if inp.sampled:
             sampler_output = self.sampler(logits[torch.tensor(inp.sample_idx)],
-                                          sampling_metadata(inp.sampled))
+                                          sampling_metadata(inp.sampled, inp.spec_offsets))
         return ModelRunnerOutput(inp.sampled, sampler_output, prompt_entries)

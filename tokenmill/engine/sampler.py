@@ -35,6 +35,7 @@ class SamplingRow:
     # prompt + output token ids, given only when the repetition penalty needs them
     token_ids: list[int] | None
     logit_bias: tuple[torch.Tensor, torch.Tensor] | None  # (token ids, values)
+    keep_state: bool = False  # report the generator's state after this row's draw
 
 
 @dataclass
@@ -49,6 +50,8 @@ class SamplerOutput:
     token_ids: list[int]
     sampled_logprobs: list[float | None]   # raw logprob of each sampled token, if asked
     logprobs: list[PositionLogprobs | None]
+    # per row with ``keep_state`` and a generator that drew: its state after the draw
+    generator_states: dict[int, torch.Tensor] | None = None
 
 
 def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[PositionLogprobs]:
@@ -91,9 +94,11 @@ class Sampler:
         greedy = [r.params.sampling_type == SamplingType.GREEDY for r in rows]
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i in range(n) if not greedy[i]]
+        states: dict[int, torch.Tensor] = {}
         if random_rows:
             idx = torch.tensor(random_rows)
-            tokens[idx] = self._sample(logits[idx], [rows[i] for i in random_rows])
+            sampled, states = self._sample(logits[idx], [rows[i] for i in random_rows])
+            tokens[idx] = sampled
 
         token_list = tokens.tolist()
         sampled_lp: list[float | None] = [None] * n
@@ -110,7 +115,10 @@ class Sampler:
                          if t == chosen or (lp.rank is not None and lp.rank <= keep)}
                 pos_lp[i] = entry
                 sampled_lp[i] = entry[chosen].logprob
-        return SamplerOutput(token_list, sampled_lp, pos_lp)
+        generator_states = None
+        if states:
+            generator_states = {random_rows[j]: st for j, st in states.items()}
+        return SamplerOutput(token_list, sampled_lp, pos_lp, generator_states)
 
     # ---- logits processing ------------------------------------------------------------
     def _apply_grammars(self, logits: torch.Tensor, raw: torch.Tensor,
@@ -154,7 +162,10 @@ class Sampler:
                                     minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Samples each row; returns the tokens and, for rows with ``keep_state`` and a
+        generator, that generator's state right after the row's draw."""
         temps = torch.tensor([r.params.temperature for r in rows])
         logits = logits / temps.unsqueeze(1)
         min_ps = torch.tensor([r.params.min_p for r in rows])
@@ -168,9 +179,12 @@ class Sampler:
             logits = _top_k_top_p(logits, top_ks, top_ps)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
+        states: dict[int, torch.Tensor] = {}
         for i, r in enumerate(rows):
             noise[i].exponential_(generator=r.generator or self.generator)
-        return (probs / noise).argmax(dim=-1)
+            if r.keep_state and r.generator is not None:
+                states[i] = r.generator.get_state()
+        return (probs / noise).argmax(dim=-1), states
 
 
 def _top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

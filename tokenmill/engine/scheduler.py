@@ -19,6 +19,12 @@ its sequences to ``isolate()``: each is preempted by recompute and marked *suspe
 suspects remain, a step schedules one suspect and nothing else (preempting others if it
 needs their blocks), until it has sampled a token alone: then it is cleared. A suspect
 that fails alone is the one whose data broke the step; the engine ends it with an error.
+
+Speculative decoding (a ``SpecDecoder`` given): a running decode may get proposed tokens
+after its last one, as extra query rows counted in the budget. Its blocks are grown for
+them only if the pool has room without preempting anyone; otherwise it decodes plainly.
+Only the last real token counts as computed after the step; the engine adds the accepted
+proposals (``accept_spec``), which also frees blocks that held only rejected ones.
 """
 
 from __future__ import annotations
@@ -29,13 +35,16 @@ from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from tokenmill.engine.sequence import Sequence, SequenceStatus
+from tokenmill.engine.spec_decode import SpecDecoder
 
 STARVATION_STEPS = 32  # lpm: a request waiting this many steps is served in arrival order
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int,
+                 spec: SpecDecoder | None = None) -> None:
         self.config = config
+        self.spec = spec
         self.blocks = blocks
         self.max_model_len = max_model_len
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key()
@@ -60,6 +69,8 @@ class Scheduler:
         request.status = status
         self.blocks.free(request)
         self._clear_suspect(request)
+        if self.spec is not None:
+            self.spec.finished(request)
 
     @property
     def num_unfinished(self) -> int:
@@ -72,12 +83,23 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: dict[int, ScheduledSequence] = {}  # id(request) -> its share
+        proposals: dict[int, list[int]] = {}  # id(request) -> its proposed tokens
+        if self.spec is not None:
+            decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+            if self.spec.step_allows(len(decodes)):
+                proposals = self.spec.propose_all(decodes, budget - 1)
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:  # cannot happen for a running request; never spin on it
+                i += 1
+                continue
+            drafts = self._fit(req, proposals.get(id(req)), budget) if num_new == 1 else []
+            if drafts:
+                scheduled[id(req)] = ScheduledSequence(req, 1 + len(drafts), drafts)
+                budget -= 1 + len(drafts)
                 i += 1
                 continue
             while not self.blocks.allocate_slots(req, num_new):
@@ -96,6 +118,24 @@ class Scheduler:
             self._admit_waiting(budget, scheduled)
         out.scheduled = list(scheduled.values())
         return out
+
+    def _fit(self, req: Sequence, drafts: list[int] | None, budget: int) -> list[int]:
+        """A decode's proposed tokens, cut to what the budget leaves, with their slots
+        allocated; [] if none, or if the pool has no room for them without preempting."""
+        drafts = (drafts or [])[: budget - 1]
+        if drafts and not self.blocks.allocate_slots(req, 1 + len(drafts)):
+            return []
+        return drafts
+
+    def accept_spec(self, request: Sequence, num_accepted: int) -> None:
+        """After the engine appended a speculative decode's kept tokens: the accepted
+        proposals' K/V is valid (computed); blocks that held only rejected ones are freed,
+        and newly complete blocks are published to the prefix cache."""
+        if request.is_finished:
+            return
+        request.num_computed_tokens += num_accepted
+        self.blocks.trim(request, request.num_tokens)
+        self.blocks.cache_full_blocks(request)
 
     def _admit_waiting(self, budget: int, scheduled: dict[int, ScheduledSequence]) -> None:
         """Admits waiting requests in policy order while budget, seats and blocks last.
@@ -172,7 +212,7 @@ class Scheduler:
         ran alone) is cleared."""
         for s in out.scheduled:
             sampled = s.samples
-            s.request.num_computed_tokens += s.num_new_tokens
+            s.request.num_computed_tokens += s.num_new_tokens - len(s.spec_token_ids)
             self.blocks.cache_full_blocks(s.request)
             if sampled and s.request.suspect:
                 self._clear_suspect(s.request)

@@ -11,17 +11,21 @@ from tokenmill.engine.sequence import Sequence
 @dataclass
 class ScheduledSequence:
     """One sequence's share of a step: compute positions
-    ``[num_computed_tokens, num_computed_tokens + num_new_tokens)``."""
+    ``[num_computed_tokens, num_computed_tokens + num_new_tokens)``. With speculative
+    decoding, a decode's share ends with ``spec_token_ids``: proposed tokens after its
+    last one (counted in ``num_new_tokens``), each row verified by the sampler."""
 
     request: Sequence
     num_new_tokens: int
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the known tokens, so the model's output
-        at the last position is the next token."""
+        at the last known position is the next token."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return (r.num_computed_tokens + self.num_new_tokens - len(self.spec_token_ids)
+                == r.num_tokens)
 
 
 @dataclass

@@ -74,6 +74,7 @@ class Sequence:
     # the request's logit_bias as (token ids, values), built once per user request and
     # shared by its n sequences (built here when not given)
     logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    spec_state: object | None = None  # the speculative proposer's index of its tokens
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)

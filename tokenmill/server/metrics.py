@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tokenmill.engine.async_engine import EngineStats
+from tokenmill.engine.spec_decode import SpecDecodeStats
 from tokenmill.outputs import RequestOutput
 
 # vLLM's buckets, in seconds.
@@ -73,6 +74,28 @@ class _EngineStateCollector(Collector):
             c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=LABELS)
             c.add_metric([self.model_name], value)
             yield c
+        if s.spec_decode is not None:
+            yield from spec_decode_metrics(self.model_name, s.spec_decode)
+
+
+def spec_decode_metrics(model_name: str, s: SpecDecodeStats) -> Iterator[Metric]:
+    """Speculative decoding's counters, with vLLM's names under our prefix."""
+    for name, doc, value in (
+        ("spec_decode_num_drafts", "Proposals verified (one per sequence and step).",
+         s.num_drafts),
+        ("spec_decode_num_draft_tokens", "Proposed tokens verified.", s.num_draft_tokens),
+        ("spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+         s.num_accepted_tokens),
+    ):
+        c = CounterMetricFamily(f"tokenmill:{name}", doc, labels=LABELS)
+        c.add_metric([model_name], value)
+        yield c
+    c = CounterMetricFamily("tokenmill:spec_decode_num_accepted_tokens_per_pos",
+                            "Proposed tokens accepted, by their position in the proposal.",
+                            labels=[*LABELS, "position"])
+    for pos, value in enumerate(s.accepted_per_pos):
+        c.add_metric([model_name, str(pos)], value)
+    yield c
 
 
 class ServerMetrics:
