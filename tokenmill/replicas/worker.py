@@ -24,6 +24,7 @@ serves a ``multiprocessing`` connection; the front end closing the connection st
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -67,17 +68,23 @@ class ReplicaServer:
         self.emit = emit
         self.tasks: dict[str, asyncio.Task] = {}
         self.stopping = asyncio.Event()
+        self._early_aborts: collections.deque[str] = collections.deque(maxlen=1024)
 
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
             _, rid, ids, params, priority = msg
+            if rid in self._early_aborts:
+                self._early_aborts.remove(rid)
+                return
             self.tasks[rid] = asyncio.get_running_loop().create_task(
                 self._serve(rid, ids, params, priority))
         elif kind == "abort":
             task = self.tasks.pop(msg[1], None)
             if task is not None:
                 task.cancel()
+            else:  # a transport that may reorder (Ray) can bring it before its add
+                self._early_aborts.append(msg[1])
         elif kind == "stop":
             self.stopping.set()
 
@@ -101,18 +108,19 @@ class ReplicaServer:
         self.engine.start()
         while not self.stopping.is_set():
             self.emit(("stats", self.engine.stats()))
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), STATS_INTERVAL_S)
         for task in list(self.tasks.values()):
             task.cancel()
         await self.engine.shutdown(timeout=0)
 
 
-def pin_threads(cores: list[int]) -> None:
-    """Binds this process to ``cores`` and gives torch (and OpenMP) that many threads."""
+def pin_threads(cores: list[int] = (), threads: int | None = None) -> None:
+    """Binds this process to ``cores`` and gives torch (and OpenMP) ``threads`` threads
+    (default: one per core)."""
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
-    threads = str(max(1, len(cores)))
+    threads = str(threads or max(1, len(cores)))
     os.environ["OMP_NUM_THREADS"] = threads
     import torch
     torch.set_num_threads(int(threads))
