@@ -35,8 +35,9 @@ def split_cores(n: int, cores: list[int] | None = None) -> list[list[int]]:
     return [cores[i * k:(i + 1) * k] for i in range(n)]
 
 
-class ReplicaStartError(RuntimeError):
-    """A replica could not build its engine (the message says why)."""
+class ReplicaStartError(ValueError):
+    """A replica could not build its engine (the message says why: most often a flag,
+    so the CLI prints it as it prints a bad flag)."""
 
 
 class ProcessReplica:
