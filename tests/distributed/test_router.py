@@ -138,3 +138,9 @@ def test_cli_refuses_bad_workers(capsys):
     assert "http(s) URL" in capsys.readouterr().err
     with pytest.raises(ValueError, match="twice"):
         WorkerPool([A, A])
+
+
+def test_cli_policy_choices_are_the_routers():
+    from tokenmill.distributed.routing import POLICIES
+    from tokenmill.router import cli_router
+    assert cli_router.POLICIES == POLICIES

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from tokenmill.distributed.routing import POLICIES
+# tokenmill.distributed.routing.POLICIES; not imported here: tokenmill.distributed's
+# package imports torch, and `tokenmill --help` must not
+POLICIES = ("cache_aware", "least_load", "round_robin")
 
 
 def add_router_parser(sub: argparse._SubParsersAction) -> None:
