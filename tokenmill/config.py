@@ -301,12 +301,9 @@ class EngineConfig:
 
 def check_scale_out(args: EngineArgs) -> None:
     """One engine is one process: replicas are ``tokenmill serve``'s (tokenmill.replicas,
-    which builds each replica with data_parallel_size=1), sharding is not built yet."""
+    which builds each replica with data_parallel_size=1)."""
     if args.data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be >= 1, got {args.data_parallel_size}.")
     if args.data_parallel_size > 1:
         raise ValueError("data_parallel_size > 1 runs replicas behind a server: use "
                          "`tokenmill serve --data-parallel-size N`.")
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"tensor_parallel_size {args.tensor_parallel_size} is not "
-                         "supported (1 only).")

@@ -76,7 +76,7 @@ class EngineArgs:
     device: str = _flag("cpu", "cpu, cuda or cuda:N (the GPU path: Triton attention)")
     skip_tokenizer_init: bool = _flag(False, "run without a tokenizer (token ids only)",
                                       on_cli=False)
-    # ---- scale-out (tokenmill.replicas, tokenmill.distributed) ------------------------
+    # ---- scale-out (tokenmill.replicas) -------------------------------------------------
     data_parallel_size: int = _flag(
         1, "engine replicas, each in its own process pinned to its share of the cores, "
            "behind one server and a router (tokenmill serve only)")
@@ -84,8 +84,6 @@ class EngineArgs:
         "mp", "where the replicas run: mp (local processes) or ray (actors on the Ray "
               "cluster found by ray.init(); pip install 'tokenmill[ray]')",
         choices=("mp", "ray"))
-    tensor_parallel_size: int = _flag(1, "processes one model is sharded over (1 only for "
-                                         "now)")
 
     # ---- the command line -------------------------------------------------------------
     @classmethod

@@ -144,3 +144,14 @@ def test_sigkill_of_a_replica_under_load(server):
     assert all(r.status_code == 200 for r in results)
     wait_for(lambda: replica_samples(server, "prefix_cache_queries_total").get("0", 0) > 0,
              what="the restarted replica to serve")
+
+
+def test_one_engine_refuses_data_parallel_and_cores_are_split():
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine_args import EngineArgs
+    from tokenmill.replicas.transport import split_cores
+
+    with pytest.raises(ValueError, match="tokenmill serve --data-parallel-size"):
+        EngineConfig.from_args(EngineArgs(model="m.gguf", data_parallel_size=2))
+    assert split_cores(2, [0, 1, 2, 3, 4]) == [[0, 1], [2, 3]]
+    assert split_cores(3, [5, 6]) == [[5], [6], [5]]

@@ -52,7 +52,7 @@ from tokenmill.structured.manager import StructuredOutputManager
 logger = logging.getLogger("tokenmill")
 
 _REROUTE = object()  # posted to a request whose replica died before it produced output
-_DP_FIELDS = ("data_parallel_size", "distributed_executor_backend", "tensor_parallel_size")
+_DP_FIELDS = ("data_parallel_size", "distributed_executor_backend")
 
 
 @dataclass(eq=False)
@@ -108,7 +108,7 @@ class DataParallelEngine:
             raise ValueError(f"--data-parallel-size must be >= 1, got {data_parallel_size}.")
         backend = engine_flags.get("distributed_executor_backend") or "mp"
         args = with_default_model(EngineArgs(**engine_flags)).replace(
-            data_parallel_size=1, distributed_executor_backend="mp", tensor_parallel_size=1)
+            data_parallel_size=1, distributed_executor_backend="mp")
         config = EngineConfig.from_args(args)
         flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in _DP_FIELDS}
         # the tree's chunk is the KV block: a match is what the replica can have cached
