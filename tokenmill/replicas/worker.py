@@ -33,8 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tokenmill.engine.async_engine import RequestFailedError
-
 logger = logging.getLogger("tokenmill")
 
 STATS_INTERVAL_S = 0.2
@@ -89,6 +87,8 @@ class ReplicaServer:
             self.stopping.set()
 
     async def _serve(self, rid: str, ids: list[int], params, priority: int) -> None:
+        from tokenmill.engine.async_engine import RequestFailedError
+
         try:
             async for out in self.engine.generate(ids, params, rid, priority):
                 self.emit(("out", rid, out))
@@ -117,7 +117,10 @@ class ReplicaServer:
 
 def pin_threads(cores: list[int] = (), threads: int | None = None) -> None:
     """Binds this process to ``cores`` and gives torch (and OpenMP) ``threads`` threads
-    (default: one per core)."""
+    (default: one per core). Runs before torch is imported: OpenMP reads
+    ``OMP_NUM_THREADS`` when it loads, and that is the count the engine thread's C kernels
+    use (``omp_set_num_threads`` from this thread would not reach it). This module
+    therefore imports nothing heavy at its top."""
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
     threads = str(threads or max(1, len(cores)))
