@@ -26,6 +26,7 @@ class FakeWorkers:
         self.refusing: set[str] = set()
         self.unhealthy: set[str] = set()
         self.seen_auth: list[str | None] = []
+        self.stored: dict[str, list[str]] = {}
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
         url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
@@ -33,6 +34,17 @@ class FakeWorkers:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/health":
             return httpx.Response(503 if url in self.unhealthy else 200)
+        if request.url.path.startswith("/v1/responses/"):
+            rid = request.url.path.rsplit("/", 1)[1]
+            if rid in self.stored.get(url, ()):
+                return httpx.Response(200, json={"id": rid, "worker": url})
+            return httpx.Response(404, json={"error": {"message": "unknown"}})
+        if request.url.path == "/v1/responses":
+            body = json.loads(request.content)
+            rid = f"resp_{len(self.stored.setdefault(url, []))}_{url[-6:-5]}"
+            self.stored[url].append(rid)
+            return httpx.Response(200, json={"id": rid, "worker": url,
+                                             "previous": body.get("previous_response_id")})
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"object": "list", "data": [{"id": url}]})
         body = json.loads(request.content)
@@ -144,3 +156,19 @@ def test_cli_policy_choices_are_the_routers():
     from tokenmill.distributed.routing import POLICIES
     from tokenmill.router import cli_router
     assert cli_router.POLICIES == POLICIES
+
+
+def test_responses_follow_their_stored_conversation():
+    async def go():
+        workers = FakeWorkers()
+        _, _, client = await _setup(workers, "round_robin")
+        first = (await client.post("/v1/responses", json={"input": "hi"})).json()
+        for turn in range(3):  # round robin would alternate; the conversation stays put
+            r = (await client.post("/v1/responses", json={
+                "input": f"more {turn}", "previous_response_id": first["id"]})).json()
+            assert r["worker"] == first["worker"] and r["previous"] == first["id"]
+        got = await client.get(f"/v1/responses/{first['id']}")
+        assert got.status_code == 200 and got.json()["worker"] == first["worker"]
+        missing = await client.get("/v1/responses/resp_nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    run(go())

@@ -11,6 +11,9 @@
         the next one; a closed client connection closes the upstream one, so the worker
         aborts the request.
     GET /v1/models, /v1/models/{id}, /version   from any healthy worker
+    GET|DELETE /v1/responses/{id}, and POST /v1/responses with ``previous_response_id``
+        go to the worker that stores that response (the router asks the healthy workers
+        ``GET /v1/responses/{id}`` in turn: stored responses live in one worker's memory)
     GET /health    200 while one worker is healthy, else 503
     GET /metrics   the router's own counters (requests and errors per worker, worker up)
 
@@ -140,9 +143,15 @@ def build_router_app(pool: WorkerPool, client: httpx.AsyncClient | None = None,
         key = routing_key(payload)
         headers = {k: v for k, v in raw.headers.items() if k in _FORWARD_REQUEST_HEADERS}
         tried: set[str] = set()
+        previous = payload.get("previous_response_id") if path == "/v1/responses" else None
+        owner = await owner_of(previous, headers) if isinstance(previous, str) else None
         while True:
             try:
-                url = pool.router.route(key, exclude=frozenset(tried))
+                if owner is not None:  # the conversation is stored on that worker
+                    url, owner = owner, None
+                    pool.router.tree.insert(key, url)
+                else:
+                    url = pool.router.route(key, exclude=frozenset(tried))
             except LookupError:
                 return error(503, "No worker is available; retry later.", "server_error",
                              "no_worker")
@@ -186,6 +195,33 @@ def build_router_app(pool: WorkerPool, client: httpx.AsyncClient | None = None,
                        if k in _FORWARD_RESPONSE_HEADERS}
         return StreamingResponse(relay(), status_code=upstream.status_code,
                                  headers=out_headers)
+
+    async def owner_of(response_id: str, headers: dict) -> str | None:
+        """The healthy worker that stores response ``response_id`` (asked one by one: the
+        router keeps no state of its own)."""
+        for url in pool.healthy():
+            try:
+                r = await client.get(f"{url}/v1/responses/{response_id}", headers=headers,
+                                     timeout=10.0)
+            except httpx.HTTPError:
+                continue
+            if r.status_code == 200:
+                return url
+        return None
+
+    async def stored_response(raw: Request, response_id: str) -> Response:
+        headers = {k: v for k, v in raw.headers.items() if k in _FORWARD_REQUEST_HEADERS}
+        url = await owner_of(response_id, headers)
+        if url is None:
+            return error(404, f"No response with id {response_id!r} is stored on any worker.",
+                         code="not_found")
+        r = await client.request(raw.method, f"{url}/v1/responses/{response_id}",
+                                 headers=headers, timeout=10.0)
+        return Response(r.content, status_code=r.status_code,
+                        media_type=r.headers.get("content-type"))
+
+    app.add_api_route("/v1/responses/{response_id}", stored_response,
+                      methods=["GET", "DELETE"])
 
     for path in _POST_PATHS:
         async def endpoint(raw: Request, _path: str = path) -> Response:
