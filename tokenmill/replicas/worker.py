@@ -104,9 +104,13 @@ class ReplicaServer:
             self.tasks.pop(rid, None)
 
     async def run(self) -> None:
-        """Reports stats until asked to stop, then shuts the engine down."""
+        """Reports stats until asked to stop, then shuts the engine down. An engine loop
+        that died ends this too: the replica exits and the front end restarts it."""
         self.engine.start()
         while not self.stopping.is_set():
+            if not self.engine.is_running:
+                logger.error("replica %d: the engine loop has stopped; exiting", os.getpid())
+                break
             self.emit(("stats", self.engine.stats()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), STATS_INTERVAL_S)
