@@ -304,6 +304,12 @@ def check_scale_out(args: EngineArgs) -> None:
     which builds each replica with data_parallel_size=1)."""
     if args.data_parallel_size < 1:
         raise ValueError(f"data_parallel_size must be >= 1, got {args.data_parallel_size}.")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got "
+                         f"{args.tensor_parallel_size}.")
+    if args.tensor_parallel_size > 1:
+        raise ValueError("tensor_parallel_size > 1 runs a group of processes behind a "
+                         "server: use `tokenmill serve --tensor-parallel-size N`.")
     if args.data_parallel_size > 1:
         raise ValueError("data_parallel_size > 1 runs replicas behind a server: use "
                          "`tokenmill serve --data-parallel-size N`.")

@@ -84,6 +84,9 @@ class EngineArgs:
         "mp", "where the replicas run: mp (local processes) or ray (actors on the Ray "
               "cluster found by ray.init(); pip install 'tokenmill[ray]')",
         choices=("mp", "ray"))
+    tensor_parallel_size: int = _flag(
+        1, "processes one replica's model is sharded over (attention heads and MLP "
+           "columns; gloo all-reduce), in lockstep (tokenmill serve only)")
 
     # ---- the command line -------------------------------------------------------------
     @classmethod

@@ -153,5 +153,7 @@ def test_one_engine_refuses_data_parallel_and_cores_are_split():
 
     with pytest.raises(ValueError, match="tokenmill serve --data-parallel-size"):
         EngineConfig.from_args(EngineArgs(model="m.gguf", data_parallel_size=2))
+    with pytest.raises(ValueError, match="tokenmill serve --tensor-parallel-size"):
+        EngineConfig.from_args(EngineArgs(model="m.gguf", tensor_parallel_size=2))
     assert split_cores(2, [0, 1, 2, 3, 4]) == [[0, 1], [2, 3]]
     assert split_cores(3, [5, 6]) == [[5], [6], [5]]

@@ -1,18 +1,11 @@
-"""The model sharded over two torch.distributed (gloo) ranks gives TP=1's greedy tokens.
-
-Each rank is a spawned process that joins a gloo group and runs the same offline
-generation (``LLM.generate``, same prompts in the same order): the layers load their
-rank's heads and MLP columns, the row-parallel layers all-reduce, and every rank's
-scheduler takes the same decisions, so the ranks step in lockstep. This checks the
-sharding and the all-reduces; serving with ``--tensor-parallel-size`` is not built.
-"""
+"""``--tensor-parallel-size 2``: a tiny Llama sharded over two gloo ranks gives TP=1's
+greedy tokens and logprobs (through the serving path: rank 0's engine loop broadcasts its
+commands, rank 1 follows in lockstep), and a rank killed with SIGKILL fails the request in
+flight without a hang, after which the group is restarted."""
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import multiprocessing as mp
-import socket
+import pytest
 
 from tokenmill.sampling_params import SamplingParams
 
@@ -34,50 +27,52 @@ def _generate(model_dir: str):
                                              strict=True)]) for o in outs]
 
 
-def _rank_main(rank: int, world: int, port: int, model_dir: str) -> None:
-    """A rank in a spawned process (rank 0 is the test's own process)."""
-    import torch
+def test_tensor_parallel_replica_serves_in_lockstep_and_survives_a_dead_rank(tiny_model_dir):
+    """``--tensor-parallel-size 2`` through the serving path (one replica: rank 0 runs the
+    scheduler and broadcasts its commands to rank 1): TP=1's greedy tokens; a follower
+    killed with SIGKILL fails the request in flight (no hang), and the group restarts."""
+    import asyncio
+    import os
+    import signal
+    import time
 
-    torch.set_num_threads(1)
-    with _group(rank, world, port):
-        _generate(model_dir)
+    from tokenmill.engine.async_engine import EngineDeadError, RequestFailedError
+    from tokenmill.replicas.dp_engine import DataParallelEngine
 
+    model_dir = tiny_model_dir("llama")
+    heads, reference = _generate(model_dir)
+    assert heads == 4
+    engine = DataParallelEngine.from_flags(
+        data_parallel_size=1, tensor_parallel_size=2, model=model_dir,
+        skip_tokenizer_init=True, kv_cache_memory="4MiB")
+    assert engine.model_config.num_heads == 2  # rank 0's share of the 4 query heads
 
-@contextlib.contextmanager
-def _group(rank: int, world: int, port: int):
-    import torch.distributed as dist
+    async def run(prompt, rid, max_tokens=PARAMS["max_tokens"]):
+        last = None
+        params = SamplingParams(**{**PARAMS, "max_tokens": max_tokens})
+        async for out in engine.generate(prompt, params, rid):
+            last = out
+        o = last.outputs[0]
+        return o.token_ids, [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids,
+                                                             strict=True)]
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    async def go():
+        engine.start()
+        outs = await asyncio.gather(*(run(p, f"r{i}") for i, p in enumerate(PROMPTS)))
+        for (ids, lp), (ref_ids, ref_lp) in zip(outs, reference, strict=True):
+            assert ids == ref_ids
+            assert max(abs(a - b) for a, b in zip(lp, ref_lp, strict=True)) < 1e-4
+        follower = engine.replicas[0].info.follower_pids[0]
+        long = asyncio.ensure_future(run(PROMPTS[0], "long", max_tokens=400))
+        await asyncio.sleep(0.3)
+        os.kill(follower, signal.SIGKILL)
+        with pytest.raises((RequestFailedError, EngineDeadError)):
+            await asyncio.wait_for(long, 90)
+        deadline = time.monotonic() + 90
+        while engine.counters.restarts < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert engine.counters.restarts == 1
+        assert (await run(PROMPTS[1], "after"))[0] == reference[1][0]
+        await engine.shutdown(timeout=5)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_tp2_matches_tp1(tiny_model_dir):
-    from tokenmill.distributed import tp_size
-
-    model_dir = tiny_model_dir("llama")  # 4 query heads, 2 KV heads, MLP 128
-    reference = _generate(model_dir)
-    port = _free_port()
-    peer = mp.get_context("spawn").Process(target=_rank_main, args=(1, 2, port, model_dir))
-    peer.start()
-    try:
-        with _group(0, 2, port):
-            assert tp_size() == 2
-            sharded = _generate(model_dir)
-    finally:
-        peer.join(60)
-    assert peer.exitcode == 0
-    assert tp_size() == 1
-    assert reference[0] == 4 and sharded[0] == 2  # query heads on this rank
-    for (ref_ids, ref_lp), (ids, lp) in zip(reference[1], sharded[1], strict=True):
-        assert ids == ref_ids
-        assert max(abs(a - b) for a, b in zip(lp, ref_lp, strict=True)) < 1e-4
+    asyncio.run(go())

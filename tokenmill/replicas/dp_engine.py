@@ -52,7 +52,7 @@ from tokenmill.structured.manager import StructuredOutputManager
 logger = logging.getLogger("tokenmill")
 
 _REROUTE = object()  # posted to a request whose replica died before it produced output
-_DP_FIELDS = ("data_parallel_size", "distributed_executor_backend")
+_DP_FIELDS = ("data_parallel_size", "distributed_executor_backend", "tensor_parallel_size")
 
 
 @dataclass(eq=False)
@@ -75,19 +75,20 @@ class DataParallelEngine:
 
     def __init__(self, config: EngineConfig, replica_flags: dict, n: int,
                  router: RouterConfig, max_queued_requests: int | None = None,
-                 backend: str = "mp") -> None:
+                 backend: str = "mp", tensor_parallel_size: int = 1) -> None:
         self.engine_config = config
         self.max_queued_requests = max_queued_requests
         self.router = Router(router)
         self.counters = _Counters()
         self._flags = replica_flags
         self._backend = backend
+        self._tp = tensor_parallel_size
         self._requests: dict[str, _Pending] = {}
         self._stats: dict[int, EngineStats] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.tokenizer = Engine._load_tokenizer(config)
-        cores = split_cores(n)
+        cores = split_cores(n)  # a tensor-parallel replica splits its share over its ranks
         self.replicas = [self._make_replica(i, cores[i]) for i in range(n)]
         self._start_all()
         info = self.replicas[0].info
@@ -108,12 +109,17 @@ class DataParallelEngine:
             raise ValueError(f"--data-parallel-size must be >= 1, got {data_parallel_size}.")
         backend = engine_flags.get("distributed_executor_backend") or "mp"
         args = with_default_model(EngineArgs(**engine_flags)).replace(
-            data_parallel_size=1, distributed_executor_backend="mp")
+            data_parallel_size=1, distributed_executor_backend="mp", tensor_parallel_size=1)
         config = EngineConfig.from_args(args)
         flags = {k: v for k, v in dataclasses.asdict(args).items() if k not in _DP_FIELDS}
         # the tree's chunk is the KV block: a match is what the replica can have cached
         router = dataclasses.replace(router or RouterConfig(), chunk=args.block_size)
-        return cls(config, flags, data_parallel_size, router, max_queued_requests, backend)
+        tp = engine_flags.get("tensor_parallel_size") or 1
+        if tp > 1 and backend == "ray":
+            raise ValueError("--tensor-parallel-size > 1 runs on local processes only (not "
+                             "with --distributed-executor-backend ray).")
+        return cls(config, flags, data_parallel_size, router, max_queued_requests, backend,
+                   tp)
 
     def _make_replica(self, index: int, cores: list[int]):
         if self._backend == "ray":
@@ -123,7 +129,7 @@ class DataParallelEngine:
                               self._on_message, self._on_exit)
         return ProcessReplica(index, self._flags, cores,
                               self.engine_config.scheduler.max_num_seqs,
-                              self._on_message, self._on_exit)
+                              self._on_message, self._on_exit, self._tp)
 
     def _start_all(self) -> None:
         errors: list[BaseException] = []
@@ -164,7 +170,11 @@ class DataParallelEngine:
         return not self._closing and any(r.alive for r in self.replicas)
 
     def kv_cache_line(self, max_model_len: int, max_num_seqs: int) -> str:
-        return f"{len(self.replicas)} replicas, each: {self.replicas[0].info.kv_cache_line}"
+        line = self.replicas[0].info.kv_cache_line
+        if self._tp > 1:
+            line += f" (each of {self._tp} tensor-parallel ranks holds its heads' share)"
+        n = len(self.replicas)
+        return line if n == 1 else f"{n} replicas, each: {line}"
 
     # ---- stats ------------------------------------------------------------------------
     def replica_stats(self) -> list[tuple[int, EngineStats]]:

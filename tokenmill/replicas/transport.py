@@ -43,8 +43,9 @@ class ReplicaStartError(ValueError):
 class ProcessReplica:
     def __init__(self, index: int, engine_flags: dict, cores: list[int], max_num_seqs: int,
                  on_message: Callable[[int, tuple], None],
-                 on_exit: Callable[[int], None]) -> None:
+                 on_exit: Callable[[int], None], tensor_parallel_size: int = 1) -> None:
         self.index = index
+        self.tensor_parallel_size = tensor_parallel_size
         self.engine_flags = engine_flags
         self.cores = cores
         self.max_num_seqs = max_num_seqs
@@ -61,8 +62,10 @@ class ProcessReplica:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(target=process_main, name=f"tokenmill-replica-{self.index}",
-                           args=(child, self.engine_flags, self.cores, self.max_num_seqs),
-                           daemon=True)
+                           args=(child, self.engine_flags, self.cores, self.max_num_seqs,
+                                 self.tensor_parallel_size),
+                           # a daemon may not start processes: rank 0 starts its followers
+                           daemon=self.tensor_parallel_size == 1)
         proc.start()
         child.close()
         if not parent.poll(START_TIMEOUT_S):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -48,6 +49,7 @@ class ReplicaInfo:
     kv_cache_line: str
     kv_cache_shape: tuple[int, int]
     kv_dtype: Any
+    follower_pids: tuple[int, ...] = ()  # tensor-parallel ranks 1..N-1
 
 
 def replica_info(engine, max_num_seqs: int) -> ReplicaInfo:
@@ -133,17 +135,30 @@ def pin_threads(cores: list[int] = (), threads: int | None = None) -> None:
     torch.set_num_threads(int(threads))
 
 
-def process_main(conn, engine_flags: dict, cores: list[int], max_num_seqs: int) -> None:
-    """A spawned replica process: build the engine, then serve ``conn`` until it closes."""
-    pin_threads(cores)
-    from tokenmill.engine.async_engine import AsyncEngine
+def process_main(conn, engine_flags: dict, cores: list[int], max_num_seqs: int,
+                 tensor_parallel_size: int = 1) -> None:
+    """A spawned replica process: build the engine (as rank 0 of a tensor-parallel group
+    when ``tensor_parallel_size`` > 1), then serve ``conn`` until it closes."""
+    from tokenmill.replicas.transport import split_cores
 
+    shares = split_cores(tensor_parallel_size, cores or None)
+    pin_threads(shares[0])
+    followers = []
     try:
+        if tensor_parallel_size > 1:
+            from tokenmill.replicas.tensor_parallel import start_group
+            followers = start_group(tensor_parallel_size, shares, engine_flags)
+        from tokenmill.engine.async_engine import AsyncEngine
         engine = AsyncEngine.from_flags(show_progress=False, **engine_flags)
     except BaseException as e:  # noqa: BLE001 - reported to the front end, then exit
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", replica_info(engine, max_num_seqs)))
+    if followers:
+        from tokenmill.replicas.tensor_parallel import broadcast_commands
+        engine.step_sync = broadcast_commands
+    info = dataclasses.replace(replica_info(engine, max_num_seqs),
+                               follower_pids=tuple(p.pid for p in followers))
+    conn.send(("ready", info))
     asyncio.run(_serve_connection(engine, conn))
 
 

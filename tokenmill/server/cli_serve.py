@@ -169,7 +169,7 @@ def _kv_cache_line(engine, max_num_seqs: int) -> str:
 def _start_engine(a: argparse.Namespace, max_queued: int | None):
     """One engine in this process, or ``--data-parallel-size`` replicas behind a router."""
     flags = dataclasses.asdict(EngineArgs.from_cli_args(a))
-    if flags["data_parallel_size"] > 1:
+    if flags["data_parallel_size"] > 1 or flags["tensor_parallel_size"] > 1:
         from tokenmill.distributed.routing import RouterConfig
         from tokenmill.replicas.dp_engine import DataParallelEngine
         return DataParallelEngine.from_flags(router=RouterConfig(policy=a.routing_policy),
