@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import SamplingParams, StructuredOutputsParams
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 8, 250], [300, 2, 11], list(range(40, 70))]
 PARAMS = dict(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=1)
@@ -62,6 +62,11 @@ def test_tensor_parallel_replica_serves_in_lockstep_and_survives_a_dead_rank(tin
         for (ids, lp), (ref_ids, ref_lp) in zip(outs, reference, strict=True):
             assert ids == ref_ids
             assert max(abs(a - b) for a, b in zip(lp, ref_lp, strict=True)) < 1e-4
+        constrained = SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(
+            regex="a+"))
+        with pytest.raises(ValueError, match="structured outputs"):
+            async for _ in engine.generate(PROMPTS[0], constrained, "constrained"):
+                pass
         follower = engine.replicas[0].info.follower_pids[0]
         long = asyncio.ensure_future(run(PROMPTS[0], "long", max_tokens=400))
         await asyncio.sleep(0.3)

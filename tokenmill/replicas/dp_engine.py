@@ -199,6 +199,11 @@ class DataParallelEngine:
             raise QueueFullError("the server is shutting down")
         if not any(r.alive for r in self.replicas):
             raise EngineDeadError("no engine replica is running")
+        if self._tp > 1 and params.structured_outputs is not None:
+            # grammars compile in the background on each rank: the ranks could schedule
+            # the request at different steps and leave lockstep
+            raise ValueError("structured outputs (response_format, tools, guided decoding) "
+                             "are not supported with --tensor-parallel-size > 1 yet.")
         ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use.")

@@ -10,6 +10,12 @@ decisions depend only on those commands, so the ranks stay in lockstep; the mode
 row-parallel layers all-reduce their partial sums, which gloo leaves bitwise equal on
 every rank, so every rank samples the same tokens. Only rank 0's outputs are used.
 
+Limits: requests with structured outputs are refused (a grammar compiles in the
+background on each rank, so the ranks could schedule it at different steps); a failure
+that rank 0's engine pins on one request (its data broke a step) is not mirrored to the
+followers, so the ranks part ways, the next collective fails or times out, and the group
+restarts.
+
 A rank that dies breaks the next collective on the others (gloo reports the closed
 connection; ``TIMEOUT_S`` bounds a silent one): rank 0's engine loop stops with that
 error, the replica exits (``worker.ReplicaServer``) and the front end restarts the whole
