@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenmill.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from tokenmill.router.cli_router import add_router_parser
+
+    add_router_parser(sub)
     return parser
 
 

@@ -530,6 +530,7 @@ class EngineConfig:
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}.")
         check_quantization(args.quantization, args.model, device, args.load_format)
+        check_scale_out(args)
         model_dtype = parse_dtype(args.dtype, device)
         return cls(
             model=args.model,
@@ -556,3 +557,19 @@ class EngineConfig:
             ),
             speculative=SpeculativeConfig.parse(args.speculative_config),
         )
+
+
+def check_scale_out(args: EngineArgs) -> None:
+    """One engine is one process: replicas are ``tokenmill serve``'s (tokenmill.replicas,
+    which builds each replica with data_parallel_size=1)."""
+    if args.data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be >= 1, got {args.data_parallel_size}.")
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got "
+                         f"{args.tensor_parallel_size}.")
+    if args.tensor_parallel_size > 1:
+        raise ValueError("tensor_parallel_size > 1 runs a group of processes behind a "
+                         "server: use `tokenmill serve --tensor-parallel-size N`.")
+    if args.data_parallel_size > 1:
+        raise ValueError("data_parallel_size > 1 runs replicas behind a server: use "
+                         "`tokenmill serve --data-parallel-size N`.")

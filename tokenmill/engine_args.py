@@ -87,6 +87,17 @@ class EngineArgs:
               'or {"method": "suffix", "num_speculative_tokens": 8} or {"method": "draft_model", '
               '"model": PATH, "num_speculative_tokens": 4}; greedy and sampled '
               'outputs keep the target\'s distribution exactly', shown="off")
+    # ---- scale-out (tokenmill.replicas) -------------------------------------------------
+    data_parallel_size: int = _flag(
+        1, "engine replicas, each in its own process pinned to its share of the cores, "
+           "behind one server and a router (tokenmill serve only)")
+    distributed_executor_backend: str = _flag(
+        "mp", "where the replicas run: mp (local processes) or ray (actors on the Ray "
+              "cluster found by ray.init(); pip install 'tokenmill[ray]')",
+        choices=("mp", "ray"))
+    tensor_parallel_size: int = _flag(
+        1, "processes one replica's model is sharded over (attention heads and MLP "
+           "columns; gloo all-reduce), in lockstep (tokenmill serve only)")
 
     # ---- the command line -------------------------------------------------------------
     @classmethod

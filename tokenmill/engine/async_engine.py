@@ -38,7 +38,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from tokenmill.config import EngineConfig
@@ -134,6 +134,12 @@ class AsyncEngine:
         self._accepting = True
         self._dead: BaseException | None = None
         self.integrity_failures = 0  # idle-time check_integrity() failures (should stay 0)
+        # tensor parallel (tokenmill.replicas.tensor_parallel): called by the engine thread
+        # with the commands it applied before each loop turn (None when stopping), so the
+        # other ranks apply the same and step in lockstep
+        self.step_sync: Callable[[list | None], None] | None = None
+        self._specs: dict[str, tuple] = {}
+        self._applied: list = []
 
     @classmethod
     def from_flags(cls, max_queued_requests: int | None = None, show_progress: bool = True,
@@ -247,7 +253,8 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead!r}")
         if not self._accepting:
             raise QueueFullError("the server is shutting down")
-        user = self.engine.make_request(prompt, params, request_id, priority)
+        arrival = time.monotonic()
+        user = self.engine.make_request(prompt, params, request_id, priority, arrival)
         with self._lock:
             if (self.max_queued_requests is not None
                     and len(self.engine.scheduler.waiting) + self._pending_adds
@@ -259,6 +266,8 @@ class AsyncEngine:
             stream = Mailbox()
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
             self._pending_adds += 1
+            if self.step_sync is not None:
+                self._specs[request_id] = (prompt, params, request_id, priority, arrival)
         self._inbox.put(("add", user))
         self._wakeup.set()
         finished = False
@@ -287,7 +296,11 @@ class AsyncEngine:
         failures = 0
         try:
             while True:
-                if not self._drain_inbox():
+                running = self._drain_inbox()
+                if self.step_sync is not None:
+                    applied, self._applied = self._applied, []
+                    self.step_sync(applied if running else None)
+                if not running:
                     return
                 if self.engine.has_unfinished_requests():
                     busy = True
@@ -338,14 +351,19 @@ class AsyncEngine:
                     self.engine.abort_request(arg)
                 except Exception:
                     logger.exception("aborting request %s failed", arg)
+                if self.step_sync is not None:
+                    self._applied.append(("abort", arg))
 
     def _add(self, user: Request) -> None:
         with self._lock:
             self._pending_adds -= 1
+        spec = self._specs.pop(user.request_id, None)
         if user.request_id not in self._streams:  # the client left before we started
             return
         try:
             self.engine.enqueue(user)
+            if spec is not None:
+                self._applied.append(("add", spec))
         except Exception as e:
             if not isinstance(e, ValueError):
                 logger.exception("queueing request %s failed", user.request_id)

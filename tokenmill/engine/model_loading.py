@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tokenmill.config import QUANTIZE_AT_LOAD, EngineConfig, ModelConfig
+from tokenmill.distributed import per_rank_heads
 from tokenmill.layers.attention import AttentionBackend
 from tokenmill.layers.quantization import QTYPE_NAMES, packable
 from tokenmill.loader import open_checkpoint
@@ -114,4 +115,5 @@ def load_model(config: EngineConfig, backend: AttentionBackend,
     logger.info("Loaded %s (%s, %s, %d layers) in %.1f s; weights: %s", config.model,
                 model_cfg.architecture, str(config.dtype).removeprefix("torch."),
                 model_cfg.num_layers, time.perf_counter() - start, weight_summary(model))
-    return model, model_cfg
+    # tensor parallel: the layers hold their rank's heads; the KV cache is sized by them
+    return model, per_rank_heads(model_cfg)

@@ -169,7 +169,8 @@ def build_app(engine: AsyncEngine, model_names: list[str], api_key: str | None =
     if not model_names:
         raise ValueError("model_names needs at least one name to serve the model under.")
     limits = limits or ServerLimits()
-    metrics = ServerMetrics(model_names[0], engine.stats)
+    metrics = ServerMetrics(model_names[0], engine.stats,
+                            getattr(engine, "replica_stats", None))  # data parallel
     ctx = ServingContext(engine, list(model_names), metrics, limits)
     completions, chat = CompletionHandler(ctx), ChatHandler(ctx, reasoning_parser)
     started = int(time.time())

@@ -94,6 +94,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "HTTP clients keep idle connections, so that a client never sends "
                         "a request on a connection the server is closing (default: "
                         f"{KEEP_ALIVE_S:g})")
+    g.add_argument("--routing-policy", default="cache_aware",
+                   choices=["cache_aware", "least_load", "round_robin"],
+                   help="with --data-parallel-size > 1: how a request picks its replica; "
+                        "cache_aware: the replica that served the longest prefix of its "
+                        "prompt unless the load is imbalanced (default: %(default)s)")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     g.add_argument("--disable-access-log", action="store_true",
@@ -149,11 +154,28 @@ def banner(engine, names: list[str], url: str, api_key: bool) -> str:
         f"tokenmill serving {', '.join(names)}",
         f"  model     {cfg.model} ({mc.architecture})",
         f"  dtype     {dtype} on {cfg.device}",
-        "  KV cache  " + engine.engine.runner.kv_cache_line(engine.max_model_len,
-                                                            cfg.scheduler.max_num_seqs),
+        "  KV cache  " + _kv_cache_line(engine, cfg.scheduler.max_num_seqs),
         f"  URL       {url}/v1  (OpenAI base URL; also /health /metrics /docs)"
         + ("  [API key required]" if api_key else ""),
     ])
+
+
+def _kv_cache_line(engine, max_num_seqs: int) -> str:
+    if hasattr(engine, "kv_cache_line"):  # data-parallel replicas
+        return engine.kv_cache_line(engine.max_model_len, max_num_seqs)
+    return engine.engine.runner.kv_cache_line(engine.max_model_len, max_num_seqs)
+
+
+def _start_engine(a: argparse.Namespace, max_queued: int | None):
+    """One engine in this process, or ``--data-parallel-size`` replicas behind a router."""
+    flags = dataclasses.asdict(EngineArgs.from_cli_args(a))
+    if flags["data_parallel_size"] > 1 or flags["tensor_parallel_size"] > 1:
+        from tokenmill.distributed.routing import RouterConfig
+        from tokenmill.replicas.dp_engine import DataParallelEngine
+        return DataParallelEngine.from_flags(router=RouterConfig(policy=a.routing_policy),
+                                             max_queued_requests=max_queued, **flags)
+    from tokenmill.engine.async_engine import AsyncEngine
+    return AsyncEngine.from_flags(max_queued_requests=max_queued, **flags)
 
 
 @contextlib.contextmanager
@@ -199,7 +221,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     _check(a)
     import uvicorn
 
-    from tokenmill.engine.async_engine import AsyncEngine
     from tokenmill.server.app import build_app
     from tokenmill.server.http_guard import guarded_h11_protocol
     from tokenmill.server.limits import ServerLimits
@@ -210,8 +231,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     if resolve_task(flags) == "embed":
         return _serve_embeddings(a, flags)
-    engine = AsyncEngine.from_flags(max_queued_requests=max_queued,
-                                    **dataclasses.asdict(EngineArgs.from_cli_args(a)))
+    engine = _start_engine(a, max_queued)
     names = a.served_model_name or [default_served_name(a.model, engine.engine_config.model)]
     limits = ServerLimits(max_request_body_bytes=a.max_request_body_bytes,
                           request_read_timeout=a.request_read_timeout,

@@ -4,7 +4,8 @@ Two sources feed them:
 
 * the engine's state, read at scrape time by a custom collector from
   ``AsyncEngine.stats()``: requests running / waiting, KV cache usage and the total
-  number of preemptions (a counter the engine keeps);
+  number of preemptions (a counter the engine keeps); with data-parallel replicas, one
+  sample per replica, labelled ``replica``;
 * every request's stream of outputs, watched by ``ServerMetrics.observe()`` as it passes
   to the HTTP handler: token counters, finished requests by reason, and the latency
   histograms (time to first token, inter-token latency, end-to-end latency, queue time)
@@ -98,11 +99,39 @@ def spec_decode_metrics(model_name: str, s: SpecDecodeStats) -> Iterator[Metric]
     yield c
 
 
+class _ReplicaStateCollector(_EngineStateCollector):
+    """The same gauges and counters, one sample per data-parallel replica (a ``replica``
+    label), read from ``replica_stats()``: [(replica index, EngineStats)]."""
+
+    def __init__(self, model_name: str,
+                 replica_stats: Callable[[], list[tuple[int, EngineStats]]]) -> None:
+        super().__init__(model_name, lambda: None)
+        self.replica_stats = replica_stats
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for index, stats in self.replica_stats():
+            self.stats = lambda s=stats: s
+            for family in super().collect():
+                kind = type(family)
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = kind(family.name, family.documentation,
+                                                     labels=LABELS + ["replica"])
+                for sample in family.samples:
+                    out.add_metric([self.model_name, str(index)], sample.value)
+        yield from merged.values()
+
+
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats],
+                 replica_stats: Callable[[], list[tuple[int, EngineStats]]] | None = None
+                 ) -> None:
         prometheus_client.disable_created_metrics()  # no *_created series
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStateCollector(model_name, stats))
+        self.registry.register(_EngineStateCollector(model_name, stats)
+                               if replica_stats is None
+                               else _ReplicaStateCollector(model_name, replica_stats))
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(f"tokenmill:{name}", doc, LABELS, registry=self.registry)
