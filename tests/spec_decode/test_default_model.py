@@ -20,7 +20,11 @@ def test_default_model_outputs_identical():
                for spec in (None, {"method": "ngram", "num_speculative_tokens": 3},
                             {"method": "suffix", "num_speculative_tokens": 6})]
     greedy = SamplingParams(temperature=0, max_tokens=32)
-    stop = SamplingParams(temperature=0, max_tokens=37, stop=[" function"],
+    # a stop string the reply reaches mid-way (taken from the run without speculation)
+    probe = engines[0].chat([[{"role": "user", "content": texts[1]}]],
+                            SamplingParams(temperature=0, max_tokens=37), use_tqdm=False)
+    words = probe[0].outputs[0].text.split()
+    stop = SamplingParams(temperature=0, max_tokens=37, stop=[" " + words[len(words) // 2]],
                           include_stop_str_in_output=True)
     sampled = SamplingParams(temperature=0.7, max_tokens=24, n=2, seed=5, logprobs=1)
     results = []

@@ -42,6 +42,7 @@ from tokenmill.engine.async_engine import (
     RequestFailedError,
 )
 from tokenmill.engine.engine import Engine
+from tokenmill.engine.spec_decode import SpecDecodeStats
 from tokenmill.engine_args import EngineArgs
 from tokenmill.loader.default_model import with_default_model
 from tokenmill.outputs import RequestOutput
@@ -183,7 +184,8 @@ class DataParallelEngine:
     def stats(self) -> EngineStats:
         all_stats = [s for _, s in self.replica_stats()]
         total = {f.name: sum(getattr(s, f.name) for s in all_stats)
-                 for f in dataclasses.fields(EngineStats)}
+                 for f in dataclasses.fields(EngineStats) if f.name != "spec_decode"}
+        total["spec_decode"] = _sum_spec_decode([s.spec_decode for s in all_stats])
         n = len(all_stats)
         total["kv_cache_usage"] /= n
         total["kv_cache_touched"] /= n
@@ -325,3 +327,19 @@ class DataParallelEngine:
 
 _EMPTY = EngineStats(num_running=0, num_waiting=0, num_queued=0, kv_cache_usage=0.0,
                      num_preemptions=0)
+
+
+def _sum_spec_decode(parts: list[SpecDecodeStats | None]) -> SpecDecodeStats | None:
+    """The replicas' speculative-decoding counters added up (None where none speculates);
+    per-position accepted counts are added position by position."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    per_pos = [0] * max(len(p.accepted_per_pos) for p in parts)
+    for p in parts:
+        for j, count in enumerate(p.accepted_per_pos):
+            per_pos[j] += count
+    return SpecDecodeStats(num_drafts=sum(p.num_drafts for p in parts),
+                           num_draft_tokens=sum(p.num_draft_tokens for p in parts),
+                           num_accepted_tokens=sum(p.num_accepted_tokens for p in parts),
+                           accepted_per_pos=per_pos)
